@@ -1,0 +1,144 @@
+"""YAML configs: defaults.yaml names every key once; run configs and ``--set`` override it.
+
+An unknown key or a value of the wrong type is an error naming the key and the file.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+
+import yaml
+
+DEFAULTS = Path(__file__).resolve().parent.parent / "configs" / "defaults.yaml"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class Config(dict):
+    """A nested dict with attribute access: ``cfg.optim.lr``."""
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError as e:
+            raise AttributeError(f"config has no key {key!r}") from e
+
+    def __setattr__(self, key, value):
+        self[key] = value
+
+    def __deepcopy__(self, memo):
+        return Config({k: copy.deepcopy(v, memo) for k, v in self.items()})
+
+    def to_dict(self) -> dict:
+        return {k: v.to_dict() if isinstance(v, Config) else v for k, v in self.items()}
+
+
+def _wrap(value):
+    if isinstance(value, dict):
+        return Config({k: _wrap(v) for k, v in value.items()})
+    return value
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read config: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
+def _coerce(key: str, default, value, source: str):
+    """Check ``value`` against the type of ``default``; ints are accepted for floats."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, str):
+        if isinstance(value, str):
+            return value
+    elif isinstance(default, list):
+        if isinstance(value, list):
+            return value
+    elif isinstance(default, dict):
+        if isinstance(value, dict):
+            return value
+    raise ConfigError(f"{source}: key {key!r} must be {type(default).__name__}, "
+                      f"got {type(value).__name__} {value!r}")
+
+
+def _merge(base: dict, override: dict, source: str, prefix: str = "") -> None:
+    for key, value in override.items():
+        path = f"{prefix}{key}"
+        if key not in base:
+            raise ConfigError(f"{source}: unknown config key {path!r}")
+        if isinstance(base[key], dict) and base[key] and isinstance(value, dict):
+            _merge(base[key], value, source, path + ".")
+        else:
+            base[key] = _coerce(path, base[key], value, source)
+
+
+def _parse_override(item: str):
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    nested: dict = {}
+    node = nested
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                defaults: str | Path = DEFAULTS) -> Config:
+    """defaults.yaml <- ``path`` (and the files it lists under ``base``) <- ``overrides``."""
+    cfg = _read_yaml(Path(defaults))
+    if path is not None:
+        for layer_path, layer in _layers(Path(path)):
+            _merge(cfg, layer, str(layer_path))
+    for item in overrides or []:
+        _merge(cfg, _parse_override(item), f"--set {item}")
+    return _wrap(cfg)
+
+
+def _layers(path: Path, seen=()) -> list[tuple[Path, dict]]:
+    """A config may name ``base: other.yaml`` (relative to itself); bases apply first."""
+    if path in seen:
+        raise ConfigError(f"{path}: circular 'base'")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    layers = _layers((path.parent / base).resolve(), seen + (path,)) if base else []
+    return layers + [(path, data)]
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--config", default=None, help="YAML config (overrides configs/defaults.yaml)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="dotted overrides, e.g. --set optim.lr=1e-4 data.batch_size=8")
+    return parser

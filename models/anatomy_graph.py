@@ -120,6 +120,17 @@ class AnatomyGraph:
     def inner_index(self) -> torch.Tensor:
         return torch.tensor([self.index[n] for n in self.inner_names], dtype=torch.long)
 
+    @property
+    def leaf_node_index(self) -> torch.Tensor:
+        """Node index of every leaf, in ``leaf_names`` order: node outputs[:, this] = leaf outputs."""
+        return torch.tensor([self.index[n] for n in self.leaf_names], dtype=torch.long)
+
+    def restore(self, leaf_queries: torch.Tensor) -> torch.Tensor:
+        """Node queries ``[..., num_nodes, D]`` from leaf queries ``[..., num_leaves, D]``: one matmul
+        with ``averaging_matrix`` (every inner node = mean of its children, recursively)."""
+        a = self.averaging_matrix.to(device=leaf_queries.device, dtype=leaf_queries.dtype)
+        return a @ leaf_queries
+
     def _check(self, name: str) -> str:
         if name not in self.index:
             raise KeyError(f"anatomy graph has no node {name!r}")
@@ -137,3 +148,12 @@ def synthetic_graph(num_leaves: int, branching: int = 4) -> AnatomyGraph:
         level = [f"node {depth}.{j}" for j in range(len(groups))]
         tree.update(zip(level, groups))
     return AnatomyGraph(tree, root=level[0])
+
+
+def graph_from_name(name: str) -> AnatomyGraph:
+    """``cfg.model.graph``: "default" (the 32-node chest tree) or "synthetic_<num_leaves>"."""
+    if name == "default":
+        return AnatomyGraph.default()
+    if name.startswith("synthetic_") and name[len("synthetic_"):].isdigit():
+        return synthetic_graph(int(name[len("synthetic_"):]))
+    raise ValueError(f"model.graph: unknown anatomy graph {name!r} (default | synthetic_<num_leaves>)")

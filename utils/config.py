@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import difflib
 from pathlib import Path
 
 import yaml
@@ -54,8 +55,12 @@ def _read_yaml(path: Path) -> dict:
 
 
 def _coerce(key: str, default, value, source: str):
-    """Check ``value`` against the type of ``default``; ints are accepted for floats."""
-    if default is None or value is None:
+    """Check ``value`` against the type of ``default``; ints are accepted for floats.
+
+    A key whose default is null takes any value; null is accepted only where the default is null.
+    List items are checked against the type of the default's first item.
+    """
+    if default is None:
         return value
     if isinstance(default, bool):
         if isinstance(value, bool):
@@ -76,7 +81,9 @@ def _coerce(key: str, default, value, source: str):
             return value
     elif isinstance(default, list):
         if isinstance(value, list):
-            return value
+            if not default:
+                return value
+            return [_coerce(f"{key}[{i}]", default[0], v, source) for i, v in enumerate(value)]
     elif isinstance(default, dict):
         if isinstance(value, dict):
             return value
@@ -88,7 +95,9 @@ def _merge(base: dict, override: dict, source: str, prefix: str = "") -> None:
     for key, value in override.items():
         path = f"{prefix}{key}"
         if key not in base:
-            raise ConfigError(f"{source}: unknown config key {path!r}")
+            close = difflib.get_close_matches(str(key), [str(k) for k in base], n=1)
+            hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
+            raise ConfigError(f"{source}: unknown config key {path!r}{hint}")
         if isinstance(base[key], dict) and base[key] and isinstance(value, dict):
             _merge(base[key], value, source, path + ".")
         else:
@@ -99,10 +108,15 @@ def _parse_override(item: str):
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key=value")
     key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: cannot parse value: {e}") from e
     nested: dict = {}
     node = nested
     parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {item!r}: bad key {key!r}")
     for p in parts[:-1]:
         node = node.setdefault(p, {})
     node[parts[-1]] = value
@@ -114,7 +128,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """defaults.yaml <- ``path`` (and the files it lists under ``base``) <- ``overrides``."""
     cfg = _read_yaml(Path(defaults))
     if path is not None:
-        for layer_path, layer in _layers(Path(path)):
+        for layer_path, layer in _layers(Path(path).resolve()):
             _merge(cfg, layer, str(layer_path))
     for item in overrides or []:
         _merge(cfg, _parse_override(item), f"--set {item}")
@@ -122,12 +136,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def _layers(path: Path, seen=()) -> list[tuple[Path, dict]]:
-    """A config may name ``base: other.yaml`` (relative to itself); bases apply first."""
+    """A config may name ``base: other.yaml`` or a list of them (relative to itself); bases apply
+    first, in order."""
     if path in seen:
         raise ConfigError(f"{path}: circular 'base'")
     data = _read_yaml(path)
-    base = data.pop("base", None)
-    layers = _layers((path.parent / base).resolve(), seen + (path,)) if base else []
+    bases = data.pop("base", None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: 'base' must be a file name or a list of them")
+    layers = []
+    for base in bases:
+        layers += _layers((path.parent / base).resolve(), seen + (path,))
     return layers + [(path, data)]
 
 
@@ -139,6 +160,6 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--config", default=None, help="YAML config (overrides configs/defaults.yaml)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                         help="dotted overrides, e.g. --set optim.lr=1e-4 data.batch_size=8")
     return parser

@@ -1,0 +1,178 @@
+"""Reports: R2Gen ``annotation.json`` loading, report cleaning, anatomy mentions.
+
+Cleaned form (``clean_report``), following R2Gen's ``clean_report_mimic_cxr`` /
+``clean_report_iu_xray``, with the differences noted:
+
+- newlines become spaces; everything is lower-cased;
+- enumerations ("1.", "2)") and runs of underscores (MIMIC's de-identification
+  "___") are removed;
+- the report is split into sentences at ".", "?", "!" or ";" followed by a space
+  (or the end); inside a sentence every character other than letters, digits,
+  spaces, "-" between word characters and "." inside a decimal number ("1.5")
+  is dropped ("/" becomes a space, so "and/or" -> "and or"; R2Gen keeps neither);
+- whitespace is collapsed; empty sentences are dropped (R2Gen keeps them);
+- sentences are joined with " . " and the report ends with " .":
+  ``"The heart is normal.  No effusion!"`` -> ``"the heart is normal . no effusion ."``.
+
+A report that cleans to nothing is an empty report (an error, or skipped).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+SPLITS = ("train", "val", "test")
+
+
+class DataError(ValueError):
+    """A bad annotation file, record or image; the message names the file and the record."""
+
+
+# ----------------------------------------------------------------------------- cleaning
+
+_NUMBERING = re.compile(r"(^|[.:;!?]\s*)\(?\d{1,2}[.)](?=\s|$)")
+_SENT_SPLIT = re.compile(r"[.?!;]+(?:\s+|$)")
+_DECIMAL = re.compile(r"(?<=\d)\.(?=\d)")
+_KEEP = re.compile(r"[^a-z0-9\s\-\u2024]")
+_LOOSE_HYPHEN = re.compile(r"(?<![a-z0-9])-|-(?![a-z0-9])")
+
+
+def clean_report(text: str) -> str:
+    """Normalise a report as described in the module docstring; '' if nothing is left."""
+    text = text.replace("\n", " ").replace("\r", " ").lower()
+    text = re.sub(r"_+", " ", text)
+    text = _NUMBERING.sub(lambda m: m.group(1) + " ", text.strip())
+    text = _DECIMAL.sub("\u2024", text)          # protect decimal points from the split
+    sentences = []
+    for sent in _SENT_SPLIT.split(text):
+        sent = sent.replace("/", " ").replace("\\", " ")
+        sent = _KEEP.sub("", sent)
+        sent = _LOOSE_HYPHEN.sub(" ", sent)
+        sent = " ".join(sent.split()).replace("\u2024", ".")
+        if sent:
+            sentences.append(sent)
+    return " . ".join(sentences) + " ." if sentences else ""
+
+
+# ----------------------------------------------------------------------------- annotation.json
+
+def load_annotation(path: str | Path, split: str) -> list[dict]:
+    """Records of one split of an R2Gen annotation file, validated.
+
+    Each record is checked for a string "id", a string "report" and a non-empty list of
+    string "image_path"; a problem raises DataError naming the file, the record and the
+    field. ``validate_record`` is the per-record check (used by the dataset to skip).
+    """
+    path = Path(path)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: cannot read annotation file: {e}") from e
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: top level must be a mapping of splits")
+    if split not in data:
+        raise DataError(f"{path}: no split {split!r} (has {sorted(data)})")
+    records = data[split]
+    if not isinstance(records, list):
+        raise DataError(f"{path}: split {split!r} must be a list of records")
+    return records
+
+
+def validate_record(rec, path: str | Path, pos: int) -> str | None:
+    """None if ``rec`` is a well-formed record, else the reason (names file, record, field)."""
+    if not isinstance(rec, dict):
+        return f"{path}: record #{pos} is not a mapping"
+    rid = rec.get("id")
+    if not isinstance(rid, (str, int)) or isinstance(rid, bool) or str(rid) == "":
+        return f"{path}: record #{pos}: field 'id' missing or not a string"
+    where = f"{path}: record {rid!r} (#{pos})"
+    if not isinstance(rec.get("report"), str):
+        return f"{where}: field 'report' missing or not a string"
+    paths = rec.get("image_path")
+    if isinstance(paths, str):
+        paths = [paths]
+    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p for p in paths):
+        return f"{where}: field 'image_path' must be a non-empty list of paths"
+    labels = rec.get("labels")
+    if labels is not None and (not isinstance(labels, list) or len(labels) != 14 or not all(
+            v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in labels)):
+        return f"{where}: field 'labels' must be a list of 14 numbers or nulls"
+    anat = rec.get("anatomies")
+    if anat is not None and (not isinstance(anat, list) or not all(isinstance(a, str) for a in anat)):
+        return f"{where}: field 'anatomies' must be a list of anatomy names"
+    return None
+
+
+# ----------------------------------------------------------------------------- anatomy mentions
+
+_SIDES = ("right", "left")
+# (regex of the anatomy term, node). "{side}" nodes are lateral: the side comes from a
+# "right"/"left" word just before the term (or inside it); both sides when there is none,
+# when both appear, or when the term itself is bilateral (plural, "bi-", "bilateral").
+_TERMS: list[tuple[str, str]] = [
+    (r"upper (?:lobes?|zones?|lung zones?|lungs?|lung fields?)", "{side} upper lung zone"),
+    (r"lingula|lingular", "left mid lung zone"),
+    (r"middle lobe|mid (?:lung )?zones?|mid lungs?", "{side} mid lung zone"),
+    (r"lower (?:lobes?|zones?|lung zones?|lungs?|lung fields?)|lung bases?|bases|base|basilar|basal"
+     r"|bibasilar|bibasal", "{side} lower lung zone"),
+    (r"apical zones?|apical|apices|apex|biapical", "{side} apical zone"),
+    (r"costophrenic (?:angles?|sulcus|sulci)", "{side} costophrenic angle"),
+    (r"(?:hemi)?diaphragms?|hemidiaphragmatic", "{side} hemidiaphragm"),
+    (r"hil(?:um|a|ar|ar structures)|perihilar", "{side} hilar structures"),
+    (r"clavic(?:le|les|ular)", "{side} clavicle"),
+    (r"lungs?|pulmonary parenchyma", "{side} lung"),
+    (r"cardiac silhouette|heart|cardiac|cardiomegaly", "cardiac silhouette"),
+    (r"cardiomediastinal (?:silhouette|contours?)", "mediastinum"),
+    (r"(?:upper|superior) mediastin(?:um|al)|mediastinal widening|widened mediastinum", "upper mediastinum"),
+    (r"mediastin(?:um|al)", "mediastinum"),
+    (r"right atri(?:um|al)", "right atrium"),
+    (r"cavo-?atrial(?: junction)?", "cavoatrial junction"),
+    (r"aortic (?:knob|arch|knuckle)|aorta", "aortic arch"),
+    (r"svc|superior vena cava", "superior vena cava"),
+    (r"trachea|tracheal", "trachea"),
+    (r"carina", "carina"),
+    (r"(?:thoracic )?spine|vertebra(?:e|l)?(?: bod(?:y|ies))?", "spine"),
+    (r"osseous structures|bony structures|bones|skeletal structures", "skeletal structures"),
+    (r"(?:upper )?abdomen|abdominal|stomach|bowel|subdiaphragmatic", "abdomen"),
+]
+_TERM_RES = [(re.compile(rf"\b(?:{pat})\b"), node) for pat, node in _TERMS]
+_BILATERAL = re.compile(r"^(?:bilateral|bi\w+)|(?:s|hila|sulci)$")   # "bibasilar", "bases", "hila"
+
+
+def _sides_before(sentence: str, start: int, term: str) -> tuple[str, ...]:
+    """Side of a lateral term: the nearest "right"/"left" in the 4 words before it (or in
+    it); both for a bilateral or plural term, "right and left", "bilateral", or no side."""
+    if _BILATERAL.search(term):
+        return _SIDES
+    words = sentence[:start].split()[-4:] + term.split()
+    for i in range(len(words) - 1, -1, -1):
+        if words[i] in ("bilateral", "bilaterally", "both"):
+            return _SIDES
+        if words[i] in _SIDES:
+            if i >= 2 and words[i - 1] in ("and", "or") and words[i - 2] in _SIDES:
+                return _SIDES
+            return (words[i],)
+    return _SIDES
+
+
+def derive_anatomies(report: str, graph) -> list[str]:
+    """Anatomy-graph nodes mentioned in a (cleaned or raw) report, in order of mention.
+
+    Terms whose node is not in ``graph`` are ignored; [] when nothing is mentioned.
+    """
+    found: list[str] = []
+    for sentence in clean_report(report).split(" . "):
+        taken = [False] * len(sentence)   # a longer, earlier-listed term wins its characters
+        for regex, node in _TERM_RES:
+            for m in regex.finditer(sentence):
+                if any(taken[m.start():m.end()]):
+                    continue
+                taken[m.start():m.end()] = [True] * (m.end() - m.start())
+                names = ([node.format(side=s) for s in _sides_before(sentence, m.start(), m.group(0))]
+                         if "{side}" in node else [node])
+                for name in names:
+                    if name in graph.index and name not in found:
+                        found.append(name)
+    return found

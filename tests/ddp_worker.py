@@ -1,0 +1,84 @@
+"""Launched by tests/test_ddp_equivalence.py with ``python`` (one process) or ``torchrun`` (two): one
+epoch of the real SS-ACL through engine.train, then optionally generation over a split.
+
+Made deterministic across process counts: no augmentation (eval transform on train), dropout off, and
+MAE masking noise drawn per sample from its dataset index (the model draws it from the global RNG).
+Plain SGD without clipping, so that the parameters are a linear function of the gradients.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import models.vit as vit  # noqa: E402
+from datasets.cxr import build_dataset  # noqa: E402
+from datasets.tokenizer import load_tokenizer  # noqa: E402
+from engine.evaluate import generate_and_score  # noqa: E402
+from engine.train import train_one_epoch  # noqa: E402
+from models.ssacl import SSACL  # noqa: E402
+from utils import run  # noqa: E402
+from utils.config import load_config  # noqa: E402
+from utils.lr_sched import param_groups  # noqa: E402
+from utils.dist import cleanup, init_distributed  # noqa: E402
+
+
+def per_sample_masking():
+    """Masking noise of each sample from a generator seeded by its dataset index."""
+    current = {}
+    forward, masking = SSACL.forward, vit.random_masking
+
+    def ssacl_forward(self, batch):
+        current["index"] = batch["index"].tolist()
+        return forward(self, batch)
+
+    def random_masking(batch, length, mask_ratio, device, noise=None):
+        if noise is None and current.get("index") and len(current["index"]) == batch:
+            noise = torch.stack([torch.rand(length, generator=torch.Generator().manual_seed(1000 + i))
+                                 for i in current["index"]]).to(device)
+        return masking(batch, length, mask_ratio, device, noise)
+
+    SSACL.forward, vit.random_masking = ssacl_forward, random_masking
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", required=True)
+    p.add_argument("--set", nargs="*", default=[])
+    p.add_argument("--out", required=True)
+    p.add_argument("--eval-split", default=None)
+    args = p.parse_args()
+    cfg = load_config(args.config, args.set)
+    info = init_distributed(cfg.dist.backend, cfg.device)
+    per_sample_masking()
+
+    train_set = build_dataset(cfg, "train", train=False)
+    text_tok, dec_tok = load_tokenizer(cfg.model.text.tokenizer), load_tokenizer(cfg.model.decoder.tokenizer)
+    torch.manual_seed(0)
+    model = SSACL.from_config(cfg, text_tok, dec_tok)
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    # SGD: the update is linear in the gradient, so a gradient-scale error shows in the parameters
+    # (AdamW and clipping are scale-invariant and would hide it).
+    optimizer = torch.optim.SGD(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    model_ddp = run.wrap_ddp(model, cfg, info)
+    stats = train_one_epoch(model_ddp, run.train_loader(train_set, cfg, info), optimizer, scaler, 0, cfg,
+                            info.device)
+    if info.rank == 0:
+        torch.save({"init": init, "params": model.state_dict(), "stats": stats}, args.out)
+    if args.eval_split:
+        dataset = build_dataset(cfg, args.eval_split, train=False)
+        metrics = generate_and_score(model_ddp, run.eval_loader(dataset, cfg, info), info.device, cfg,
+                                     Path(args.out).parent / f"eval_{info.world_size}", prefix=args.eval_split)
+        print(f"rank {info.rank} metrics {metrics}", force=True)
+    cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+import argparse
+import copy
+
+import pytest
+import yaml
+
+from utils.config import DEFAULTS, Config, ConfigError, add_config_args, load_config, save_config
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_defaults_load_with_attribute_access():
+    cfg = load_config()
+    raw = yaml.safe_load(open(DEFAULTS))
+    assert isinstance(cfg, Config) and isinstance(cfg.optim, Config)
+    assert cfg.optim.blr == raw["optim"]["blr"] == 1.5e-4
+    assert cfg.data.batch_size == raw["data"]["batch_size"]
+    assert cfg.model.vit.init is None
+    with pytest.raises(AttributeError, match="nope"):
+        cfg.nope
+    cfg.optim.lr = 2.0  # attribute assignment writes the key
+    assert cfg["optim"]["lr"] == 2.0
+
+
+def test_run_config_and_overrides(tmp_path):
+    f = write(tmp_path / "run.yaml", "optim:\n  lr: 1e-4\n  epochs: 3\ndata:\n  skip_bad: true\n")
+    cfg = load_config(f, ["optim.lr=2e-4", "data.batch_size=8", "optim.betas=[0.8, 1]",
+                          "train.resume=auto", "model.vit.init=/x/mae.pth"])
+    assert cfg.optim.lr == 2e-4 and isinstance(cfg.optim.lr, float)  # --set wins over the file
+    assert cfg.optim.epochs == 3 and cfg.data.skip_bad is True and cfg.data.batch_size == 8
+    assert cfg.optim.betas == [0.8, 1.0] and isinstance(cfg.optim.betas[1], float)
+    assert cfg.train.resume == "auto" and cfg.model.vit.init == "/x/mae.pth"
+    assert cfg.optim.min_lr == 1e-6  # untouched keys keep their default
+
+
+def test_float_from_yaml11_string(tmp_path):
+    # YAML 1.1 (PyYAML) reads "1e-4" (no dot) as a string; a float key takes it
+    assert yaml.safe_load("a: 1e-4")["a"] == "1e-4"
+    cfg = load_config(write(tmp_path / "a.yaml", "optim:\n  lr: 1e-4\n  min_lr: 3\n"))
+    assert cfg.optim.lr == 1e-4 and cfg.optim.min_lr == 3.0 and isinstance(cfg.optim.min_lr, float)
+
+
+@pytest.mark.parametrize("text, key", [
+    ("optim:\n  lrr: 0.1\n", "optim.lrr"),
+    ("nonsense: 1\n", "nonsense"),
+    ("model:\n  vit:\n    depht: 2\n", "model.vit.depht"),
+])
+def test_unknown_key_names_key_and_file(tmp_path, text, key):
+    f = write(tmp_path / "bad.yaml", text)
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert repr(key) in str(e.value) and str(f) in str(e.value)
+
+
+def test_unknown_key_suggests_close_match(tmp_path):
+    with pytest.raises(ConfigError, match="did you mean 'optim.lr'"):
+        load_config(overrides=["optim.lrr=1"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("data.batch_size=8.5", "data.batch_size"),      # float for int
+    ("data.batch_size=true", "data.batch_size"),     # bool is not an int
+    ("data.skip_bad=1", "data.skip_bad"),            # int is not a bool
+    ("data.skip_bad=yes please", "data.skip_bad"),
+    ("optim.lr=fast", "optim.lr"),                   # non-numeric string for float
+    ("optim.betas=0.9", "optim.betas"),              # scalar for list
+    ("optim.betas=[0.9, x]", "optim.betas[1]"),      # list item of the wrong type
+    ("model.decoder.lora.target_modules=[1]", "model.decoder.lora.target_modules[0]"),
+    ("run_name=[a]", "run_name"),                    # list for str
+    ("optim=3", "optim"),                            # scalar for a section
+    ("optim.lr.x=3", "optim.lr"),                    # section for a scalar
+    ("optim.epochs=null", "optim.epochs"),           # null only where the default is null
+])
+def test_wrong_type_is_error_naming_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=[override])
+    assert repr(key) in str(e.value) and "--set" in str(e.value)
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(overrides=["optim.lr"])
+    with pytest.raises(ConfigError, match="bad key"):
+        load_config(overrides=["optim..lr=1"])
+
+
+def test_base_inheritance(tmp_path):
+    (tmp_path / "sub").mkdir()
+    write(tmp_path / "a.yaml", "optim:\n  lr: 0.1\n  epochs: 5\nseed: 1\n")
+    write(tmp_path / "b.yaml", "optim:\n  epochs: 7\n")
+    child = write(tmp_path / "sub" / "c.yaml", "base: [../a.yaml, ../b.yaml]\nseed: 3\n")
+    cfg = load_config(child, ["optim.lr=0.2"])
+    assert (cfg.optim.lr, cfg.optim.epochs, cfg.seed) == (0.2, 7, 3)  # later layers win
+    single = write(tmp_path / "d.yaml", "base: a.yaml\n")
+    assert load_config(single).optim.epochs == 5
+    # an error inside a base names the base file
+    write(tmp_path / "e.yaml", "optim:\n  epochs: many\n")
+    with pytest.raises(ConfigError, match="e.yaml.*'optim.epochs'"):
+        load_config(write(tmp_path / "f.yaml", "base: e.yaml\n"))
+
+
+def test_circular_base_and_missing_file(tmp_path):
+    write(tmp_path / "x.yaml", "base: y.yaml\n")
+    write(tmp_path / "y.yaml", "base: x.yaml\n")
+    with pytest.raises(ConfigError, match="circular"):
+        load_config(tmp_path / "x.yaml")
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_save_config_round_trip(tmp_path):
+    cfg = load_config(overrides=["optim.lr=3e-4", "run_name=demo"])
+    out = tmp_path / "run" / "config.yaml"
+    save_config(cfg, out)
+    again = load_config(out)
+    assert again == cfg and again.optim.lr == 3e-4 and again.run_name == "demo"
+    assert yaml.safe_load(out.read_text())["optim"]["lr"] == 3e-4
+
+
+def test_deepcopy_is_independent():
+    cfg = load_config()
+    other = copy.deepcopy(cfg)
+    other.optim.lr = 1.0
+    assert isinstance(other.optim, Config) and cfg.optim.lr == 0.0
+
+
+def test_cli_args(tmp_path):
+    parser = add_config_args(argparse.ArgumentParser())
+    f = write(tmp_path / "r.yaml", "seed: 5\n")
+    args = parser.parse_args(["--config", str(f), "--set", "optim.lr=1e-4", "data.batch_size=8",
+                              "--set", "seed=6"])
+    assert args.set == ["optim.lr=1e-4", "data.batch_size=8", "seed=6"]
+    cfg = load_config(args.config, args.set)
+    assert (cfg.optim.lr, cfg.data.batch_size, cfg.seed) == (1e-4, 8, 6)
+    assert parser.parse_args([]).set == []

@@ -1,0 +1,173 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.anatomy_graph import AnatomyGraph
+from models.entity_head import EntityHead, format_prompt, observation_names
+from models.report_decoder import generate_from_image
+from utils.metrics.observations import CHEXPERT_OBSERVATIONS, OBSERVATION_INDEX
+
+D = 16
+
+
+def onehot(*names):
+    v = torch.zeros(1, 14)
+    for n in names:
+        v[0, OBSERVATION_INDEX[n]] = 1.0
+    return v
+
+
+def test_linear_logits_hand_computed():
+    torch.manual_seed(0)
+    head = EntityHead(D)
+    with torch.no_grad():
+        head.anat_bias.copy_(torch.randn(25))
+    cls, leaves, patches = torch.randn(2, D), torch.randn(2, 25, D), torch.randn(2, 7, D)
+    obs, anat = head(cls, leaves, patches)
+    pooled = torch.cat([cls, patches.mean(1), leaves.mean(1)], -1)
+    assert torch.allclose(obs, pooled @ head.obs_head.weight.T + head.obs_head.bias, atol=1e-6)
+    w, b = head.anat_head.weight[0], head.anat_head.bias[0]
+    assert torch.allclose(anat, leaves @ w + b + head.anat_bias, atol=1e-6)
+
+
+@pytest.mark.parametrize("hidden", [0, 8])
+def test_each_leaf_logit_reads_only_its_own_token(hidden):
+    torch.manual_seed(0)
+    head = EntityHead(D, hidden_dim=hidden)
+    cls, leaves, patches = torch.randn(1, D), torch.randn(1, 25, D, requires_grad=True), torch.randn(1, 9, D)
+    _, anat = head(cls, leaves, patches)
+    anat[0, 3].backward()
+    grad_norm = leaves.grad[0].norm(dim=-1)
+    assert grad_norm[3] > 0 and grad_norm[torch.arange(25) != 3].abs().max() == 0
+
+
+def test_loss_is_bce_and_training_fits_targets():
+    torch.manual_seed(0)
+    head = EntityHead(D, hidden_dim=16)
+    B = 32
+    cls, leaves, patches = torch.randn(B, D), torch.randn(B, 25, D), torch.randn(B, 5, D)
+    labels = (cls[:, :14] > 0).float()             # learnable from CLS
+    anatomies = leaves[..., 0] > 0                   # learnable from each leaf's own token
+    obs, anat = head(cls, leaves, patches)
+    expected = (F.binary_cross_entropy_with_logits(obs, labels)
+                + F.binary_cross_entropy_with_logits(anat, anatomies.float()))
+    assert torch.allclose(head.loss(obs, anat, labels, anatomies), expected)
+    opt = torch.optim.Adam(head.parameters(), lr=2e-2)
+    first = None
+    for _ in range(80):
+        loss = head.loss(*head(cls, leaves, patches), labels, anatomies)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2 * first
+    obs, anat = head(cls, leaves, patches)
+    names, mask = head.predict(obs, anat, 0.5)
+    assert torch.equal(mask, anatomies)
+
+
+def test_prompt_strings():
+    assert format_prompt([]) == "Findings: none."
+    assert format_prompt(["No Finding"]) == "Findings: none."
+    assert format_prompt(["Cardiomegaly", "Pleural Effusion"]) == "Findings: cardiomegaly, pleural effusion."
+    probs = torch.cat([onehot("Pleural Effusion", "Cardiomegaly") * 0.9, onehot("No Finding") * 0.7,
+                       torch.full((1, 14), 0.4)])
+    assert EntityHead.prompt(probs, 0.5) == ["Findings: cardiomegaly, pleural effusion.", "Findings: none.",
+                                             "Findings: none."]
+    assert EntityHead.prompt(probs, 0.3)[2] == "Findings: " + ", ".join(
+        n.lower() for n in CHEXPERT_OBSERVATIONS if n != "No Finding") + "."
+
+
+def test_no_finding_dropped_next_to_a_pathology_kept_with_devices():
+    rows = torch.cat([onehot("No Finding", "Edema"), onehot("No Finding", "Support Devices"), onehot("No Finding")])
+    assert observation_names(rows) == [["Edema"], ["Support Devices", "No Finding"], ["No Finding"]]
+
+
+def test_predict_thresholds_and_all_leaves_fallback():
+    obs = torch.full((2, 14), -5.0)
+    obs[0, OBSERVATION_INDEX["Atelectasis"]] = 2.0
+    anat = torch.full((2, 25), -3.0)
+    anat[0, [1, 4]] = 1.0
+    names, mask = EntityHead.predict(obs, anat, 0.5)
+    assert names == [["Atelectasis"], []]
+    assert mask[0].nonzero().flatten().tolist() == [1, 4]
+    assert mask[1].all()  # nothing predicted -> every leaf on (documented fallback)
+    _, mask = EntityHead.predict(obs, anat, 0.8)  # 0.73 < 0.8: row 0 falls back too
+    assert mask.all()
+
+
+class _Recorder:
+    """Stand-in decoder that records what generation is given."""
+
+    def generate(self, visual, visual_mask, prompts, **kw):
+        self.visual, self.mask, self.prompts, self.kw = visual, visual_mask, prompts, kw
+        return [f"report {i}" for i in range(len(prompts))]
+
+
+def test_generate_from_image_uses_the_head_predictions():
+    graph = AnatomyGraph.default()
+    head = EntityHead(D)
+    with torch.no_grad():  # a head that predicts cardiomegaly and two leaves, whatever the image
+        head.obs_head.weight.zero_()
+        head.obs_head.bias.fill_(-5.0)
+        head.obs_head.bias[OBSERVATION_INDEX["Cardiomegaly"]] = 5.0
+        head.anat_head.weight.zero_()
+        head.anat_bias.fill_(-5.0)
+        head.anat_bias[[0, 7]] = 5.0
+    cls, leaves, patches = torch.randn(2, D), torch.randn(2, 25, D), torch.randn(2, 6, D)
+    rec = _Recorder()
+    rows = generate_from_image(rec, head, cls, leaves, patches, graph.leaf_names, 0.5, beam_size=3)
+    assert rec.prompts == ["Findings: cardiomegaly."] * 2 and rec.kw == {"beam_size": 3}
+    assert torch.equal(rec.visual, torch.cat([leaves, cls[:, None], patches], 1))
+    expected_mask = torch.zeros(2, 25 + 1 + 6, dtype=torch.bool)
+    expected_mask[:, [0, 7]] = True
+    expected_mask[:, 25:] = True
+    assert torch.equal(rec.mask, expected_mask)
+    assert rows[1] == {"report": "report 1", "entities": ["Cardiomegaly"],
+                       "anatomies": [graph.leaf_names[0], graph.leaf_names[7]]}
+
+
+# --------------------------------------------------------------------------- through SSACL.generate
+
+def tiny_ssacl():
+    from datasets.tokenizer import train_bpe, train_wordpiece
+    from models.ssacl import SSACL
+    from utils.config import load_config
+    texts = ["the heart is normal in size . no pleural effusion .", "small left pleural effusion .",
+             "Findings: cardiomegaly, pleural effusion, atelectasis, edema, none."]
+    cfg = load_config(None)
+    cfg.data.image_size = 32
+    cfg.model.vit.update(patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    cfg.model.text.update(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, vocab_size=200)
+    for k in ("mae", "region"):
+        cfg.model[k].update(decoder_dim=32, decoder_depth=1, decoder_heads=2)
+    cfg.model.decoder.update(n_embd=32, n_layer=2, n_head=2, n_positions=256)
+    torch.manual_seed(0)
+    return SSACL.from_config(cfg, train_wordpiece(texts, 200), train_bpe(texts, 300)).eval()
+
+
+def test_ssacl_generate_ignores_reference_report_labels_and_anatomies():
+    model = tiny_ssacl()
+    B = 3
+    torch.manual_seed(1)
+    images = torch.randn(B, 3, 32, 32)
+    batch = {"image": images, "id": ["a", "b", "c"], "report": ["the heart is normal ."] * B,
+             "labels": torch.zeros(B, 14), "anatomies": torch.ones(B, 25, dtype=torch.bool), "index": torch.arange(B)}
+    corrupt = {**batch, "report": ["small left pleural effusion ."] * B, "labels": torch.ones(B, 14),
+               "anatomies": torch.rand(B, 25) > 0.5}
+    kw = dict(beam_size=2, max_new_tokens=6)
+    out = model.generate(batch, **kw)
+    assert model.generate(corrupt, **kw) == out
+    assert [o["id"] for o in out] == ["a", "b", "c"]
+    # the predicted anatomy set is what the decoder sees: another set gives another report, so the
+    # equality above would break if generate read the batch's anatomies
+    u = model.vit(images, model.leaf_queries())
+    visual = torch.cat([u["queries"], u["cls"][:, None], u["patches"]], 1)
+    rest = torch.ones(B, visual.shape[1] - 25, dtype=torch.bool)
+    prompts = [format_prompt(o["entities"]) for o in out]
+    pred_mask = torch.stack([model.graph.leaf_mask(o["anatomies"]) for o in out])
+    same = model.report_decoder.generate(visual, torch.cat([pred_mask, rest], 1), prompts, **kw)
+    assert same == [o["report"] for o in out]
+    other = model.report_decoder.generate(visual, torch.cat([~pred_mask | (torch.arange(25) < 2), rest], 1),
+                                          prompts, **kw)
+    assert other != same

@@ -1,0 +1,187 @@
+"""engine/evaluate.py: validation loss, generation + scoring + files + TensorBoard, synthetic grounding."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as tdist
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader
+
+from datasets.cxr import build_dataset, collate
+from engine.evaluate import evaluate_loss, generate_and_score, summarize_grounding, synthetic_grounding
+from models.anatomy_graph import AnatomyGraph
+from tiny_run import synthetic, write_config
+from utils.config import load_config
+
+GRAPH = AnatomyGraph.default()
+
+
+class Recorder:
+    def __init__(self):
+        self.scalars, self.texts, self.images = [], [], []
+
+    def add_scalars(self, values, step, prefix=""):
+        self.scalars.append((prefix, step, dict(values)))
+
+    def add_text(self, tag, text, step):
+        self.texts.append((tag, text))
+
+    def add_image(self, tag, image, step, dataformats="CHW"):
+        self.images.append((tag, np.asarray(image).shape, dataformats))
+
+
+class MeanLoss(nn.Module):
+    """loss = mean over the batch of the image's first pixel; 'double' = twice that."""
+
+    def forward(self, batch):
+        v = batch["image"][:, 0, 0, 0]
+        return {"loss": v.mean(), "double": 2 * v.mean()}
+
+
+def test_evaluate_loss_is_the_sample_weighted_mean():
+    data = [{"image": torch.full((3, 2, 2), float(i)), "id": str(i), "index": i} for i in range(7)]
+    loader = DataLoader(data, batch_size=3, collate_fn=lambda items: {
+        "image": torch.stack([d["image"] for d in items]), "id": [d["id"] for d in items]})
+    out = evaluate_loss(MeanLoss(), loader, "cpu", "auto")  # batches of 3, 3, 1
+    assert out == pytest.approx({"loss": 3.0, "double": 6.0})
+
+
+class Oracle(nn.Module):
+    """A stand-in for SSACL: generates the reference (or a fixed text), and heatmaps that are the synthetic
+    region masks themselves (or noise)."""
+
+    graph = GRAPH
+
+    def __init__(self, regions: dict, root, perfect: bool = True):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+        self.regions, self.root, self.perfect = regions, root, perfect
+        self.current_ids = []
+
+    def forward(self, batch):
+        return {"loss": self.w.sum()}
+
+    def generate(self, batch, beam_size=1, max_new_tokens=100, min_new_tokens=0, repetition_penalty=1.0,
+                 length_penalty=1.0):
+        self.current_ids = list(batch["id"])
+        reports = batch["report"] if self.perfect else ["the heart is normal ."] * len(batch["id"])
+        return [{"id": i, "report": r, "entities": ["Cardiomegaly"], "anatomies": ["lungs"]}
+                for i, r in zip(batch["id"], reports)]
+
+    def heatmaps(self, images):
+        B, _, H, W = images.shape
+        if not self.perfect:
+            return torch.rand(B, GRAPH.num_leaves, H, W, generator=torch.Generator().manual_seed(0))
+        maps = torch.zeros(B, GRAPH.num_leaves, H, W)
+        for b, sid in enumerate(self.current_ids):
+            for leaf, rel in self.regions[sid].items():
+                with Image.open(self.root / rel) as im:
+                    m = np.asarray(im.convert("L").resize((W, H), Image.NEAREST)) > 127
+                maps[b, GRAPH.leaf_index[leaf]] = torch.from_numpy(m).float()
+        return maps
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    ann = synthetic(tmp / "data", n=30)
+    cfg = load_config(write_config(tmp / "cfg.yaml", ann, tmp / "out", eval={"num_visualize": 2,
+                                                                             "num_text_samples": 3}))
+    records = {r["id"]: r for r in json.load(open(ann))["test"]}
+    return tmp, cfg, records
+
+
+def _loader(dataset, indices, batch_size=2):
+    return DataLoader(dataset, batch_size=batch_size, sampler=indices, collate_fn=collate)
+
+
+def test_generate_and_score_perfect_oracle(synth):
+    tmp, cfg, records = synth
+    dataset = build_dataset(cfg, "test", train=False)
+    n = len(dataset)
+    model = Oracle({k: r["regions"] for k, r in records.items()}, tmp / "data")
+    # indices with repeats, as DistributedSampler pads shards: every study must be scored once
+    loader = _loader(dataset, list(range(n)) + [0, 1])
+    tb = Recorder()
+    out_dir = tmp / "out" / "perfect"
+    metrics = generate_and_score(model, loader, "cpu", cfg, out_dir, tb=tb, epoch=3, prefix="val", split="test")
+
+    rows = [json.loads(line) for line in open(out_dir / "generated.jsonl")]
+    assert [r["id"] for r in rows] == [dataset.samples[i].id for i in range(n)]
+    assert set(rows[0]) == {"id", "generated", "reference", "entities", "anatomies"}
+    assert all(r["generated"] == r["reference"] for r in rows)
+    saved = json.load(open(out_dir / "metrics.json"))
+    assert saved["num_studies"] == metrics["num_studies"] == n
+    assert "per_observation" in saved["clinical_efficacy"]["all"] or "per_observation" in saved["clinical_efficacy"]
+    assert metrics["BLEU_4"] == pytest.approx(1.0, abs=1e-6) and metrics["ROUGE_L"] == pytest.approx(1.0)
+    if shutil.which("java"):
+        assert metrics["METEOR"] == pytest.approx(1.0, abs=1e-3)
+    assert metrics["ce_micro_f1_14"] == pytest.approx(1.0)
+    assert metrics["pointing_game"] == 1.0 and metrics["cnr"] > 2.0  # the heatmaps are the masks
+
+    prefix, step, logged = tb.scalars[0]
+    assert prefix == "val" and step == 3 and logged["BLEU_4"] == metrics["BLEU_4"]
+    assert len(tb.texts) == 3 and "**reference:**" in tb.texts[0][1]
+    assert tb.images and all(shape[-1] == 3 for _, shape, fmt in tb.images)  # HWC overlays
+    assert len({os.path.basename(p).split("_s")[0] for p in os.listdir(out_dir / "overlays")
+                if p.endswith(".png")}) == 2
+
+
+def test_generate_and_score_poor_model_scores_lower(synth):
+    tmp, cfg, records = synth
+    dataset = build_dataset(cfg, "test", train=False)
+    model = Oracle({k: r["regions"] for k, r in records.items()}, tmp / "data", perfect=False)
+    cfg = load_config(None, [f"data.annotation={cfg.data.annotation}", "eval.meteor=false"])
+    metrics = generate_and_score(model, _loader(dataset, list(range(len(dataset)))), "cpu", cfg,
+                                 tmp / "out" / "poor", prefix="test", num_visualize=0)
+    assert metrics["BLEU_4"] < 0.5 and metrics["pointing_game"] < 0.5 and metrics["cnr"] < 1.0
+    assert metrics["METEOR"] is None  # eval.meteor=false
+    assert not (tmp / "out" / "poor" / "overlays").exists()
+
+
+def test_generate_and_score_unwraps_ddp(synth):
+    tmp, cfg, records = synth
+    dataset = build_dataset(cfg, "test", train=False)
+    model = Oracle({k: r["regions"] for k, r in records.items()}, tmp / "data")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    from tiny_run import free_port
+    os.environ["MASTER_PORT"] = str(free_port())
+    tdist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(model)
+        cfg = load_config(None, [f"data.annotation={cfg.data.annotation}", "eval.meteor=false"])
+        metrics = generate_and_score(ddp, _loader(dataset, [0, 1, 2]), "cpu", cfg, tmp / "out" / "ddp",
+                                     prefix="test", num_visualize=0)
+    finally:
+        tdist.destroy_process_group()
+    assert metrics["num_studies"] == 3 and metrics["BLEU_4"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_synthetic_grounding_by_hand(tmp_path):
+    mask = np.zeros((8, 8), np.uint8)
+    mask[2:4, 2:4] = 255
+    Image.fromarray(mask).save(tmp_path / "m.png")
+    leaves = ["a", "b"]
+    heat = torch.zeros(1, 2, 8, 8)
+    heat[0, 0, 3, 3] = 1.0            # leaf a peaks inside its region
+    heat[0, 1, 7, 7] = 1.0            # leaf b peaks outside
+    heat[0, 1, 2:4, 2:4] = 0.5
+    rec = {"regions": {"a": "m.png", "b": "m.png", "unknown": "m.png"},
+           "findings": [{"anatomy": "b", "mask": "m.png"}]}
+    rows = synthetic_grounding(heat, [rec], tmp_path, leaves)
+    assert rows[0]["pointing"] == [1.0, 0.0]
+    # CNR of leaf b over the mask: inside all 0.5 (var 0); outside 60 values, one 1.0, rest 0
+    out = np.zeros(60)
+    out[0] = 1.0
+    assert rows[0]["cnr"] == [pytest.approx(abs(0.5 - out.mean()) / np.sqrt(out.var()))]
+    assert summarize_grounding(rows) == pytest.approx({"pointing_game": 0.5, "cnr": rows[0]["cnr"][0]})
+    # masks are resized (nearest) to the heatmap
+    small = torch.zeros(1, 2, 4, 4)
+    small[0, 0, 1, 1] = 1.0  # the 4x4 mask (nearest) is True at [1, 1] only
+    assert synthetic_grounding(small, [rec], tmp_path, leaves)[0]["pointing"][0] == 1.0
+    small[0, 0, 1, 1], small[0, 0, 2, 2] = 0.0, 1.0
+    assert synthetic_grounding(small, [rec], tmp_path, leaves)[0]["pointing"][0] == 0.0

@@ -1,0 +1,192 @@
+import numpy as np
+import pytest
+import torch
+
+from datasets.synthetic import render_study
+from datasets.tokenizer import train_bpe, train_wordpiece
+from models.anatomy_graph import AnatomyGraph
+from models.ssacl import SSACL
+from utils.config import load_config
+from utils.metrics.observations import CHEXPERT_OBSERVATIONS
+
+GRAPH = AnatomyGraph.default()
+TINY = ["data.image_size=32", "model.vit.patch_size=8", "model.vit.embed_dim=32", "model.vit.depth=2",
+        "model.vit.num_heads=2", "model.vit.mlp_ratio=2.0",
+        "model.text.hidden_size=32", "model.text.num_layers=1", "model.text.num_heads=2",
+        "model.text.intermediate_size=64", "model.text.max_length=48",
+        "model.mae.decoder_dim=32", "model.mae.decoder_depth=1", "model.mae.decoder_heads=2",
+        "model.region.decoder_dim=32", "model.region.decoder_depth=1", "model.region.decoder_heads=2",
+        "model.decoder.n_embd=32", "model.decoder.n_layer=1", "model.decoder.n_head=2",
+        "model.decoder.n_positions=256", "model.decoder.max_report_tokens=40"]
+ALL = ("mae", "con", "region", "aca", "entity", "lm")
+
+
+def make_batch(n=8, size=32, seed=0):
+    studies = [render_study(i, size=size, seed=seed) for i in range(n)]
+    img = torch.from_numpy(np.stack([s["image"] for s in studies])).float() / 255
+    labels = np.nan_to_num(np.array([s["labels"] for s in studies], dtype=np.float64), nan=0.0) > 0
+    return {"image": ((img - 0.4978) / 0.2449)[:, None].expand(-1, 3, -1, -1).contiguous(),
+            "id": [f"s{i}" for i in range(n)], "report": [s["report"].lower() for s in studies],
+            "labels": torch.from_numpy(labels).float(),
+            "anatomies": torch.stack([GRAPH.leaf_mask(s["anatomies"]) for s in studies]),
+            "index": torch.arange(n)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: one intra-op thread is as fast, and far faster on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return make_batch()
+
+
+@pytest.fixture(scope="module")
+def tokenizers(batch):
+    texts = [render_study(i, size=16, seed=1)["report"] for i in range(40)] + batch["report"]
+    prompts = ["Findings: none.", "Findings: cardiomegaly, pleural effusion, edema."]
+    return train_wordpiece(texts + list(GRAPH.leaf_names), 300), train_bpe(texts + prompts, 400)
+
+
+def build(tokenizers, seed=0, **weights):
+    cfg = load_config(overrides=TINY + [f"loss.{k}={v}" for k, v in weights.items()])
+    torch.manual_seed(seed)
+    return SSACL.from_config(cfg, *tokenizers)
+
+
+def test_all_losses_and_every_parameter_gets_a_gradient(tokenizers, batch):
+    model = build(tokenizers)
+    out = model(batch)
+    assert set(out) == {"loss", *ALL}
+    cfg = load_config()
+    total = sum(cfg.loss[k] * out[k] for k in ALL)
+    torch.testing.assert_close(out["loss"], total)
+    assert all(out[k].dim() == 0 and torch.isfinite(out[k]) for k in out)
+    out["loss"].backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert no_grad == []
+    zero = [n for n, p in model.named_parameters() if p.requires_grad and p.grad.abs().sum() == 0]
+    assert zero == []
+    assert model.report_decoder.lm is not None and model.vit.num_patches == 16
+    assert model.no_weight_decay() >= {"vit.cls_token", "contrastive.logit_scale"}
+
+
+def test_zero_weight_terms_are_neither_built_nor_computed(tokenizers, batch):
+    model = build(tokenizers, lm=0, entity=0, region=0)
+    assert model.report_decoder is None and model.entity_head is None and model.region_decoder is None
+    assert not any(n.startswith(("report_decoder", "entity_head", "region_decoder")) for n, _ in model.named_parameters())
+    out = model(batch)
+    assert set(out) == {"loss", "mae", "con", "aca"}
+    out["loss"].backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    # by design: with no MAE, entity head or LM nothing reads the CLS token; it still sits in the
+    # autograd graph (a zero gradient, so DDP sees no unused parameter)
+    ssl = build(tokenizers, lm=0, entity=0, mae=0)
+    ssl(batch)["loss"].backward()
+    assert [n for n, p in ssl.named_parameters() if p.grad is None] == []
+    assert [n for n, p in ssl.named_parameters() if p.grad.abs().sum() == 0] == ["vit.cls_token"]
+    with pytest.raises(ValueError, match="report decoder"):
+        ssl.generate(batch)
+
+
+def test_queries_and_passes(tokenizers, batch):
+    model = build(tokenizers).eval()
+    with torch.no_grad():
+        leaf = model.leaf_queries()
+        nodes = model.node_queries(leaf)
+        assert leaf.shape == (25, 32) and nodes.shape == (32, 32)
+        torch.testing.assert_close(nodes, GRAPH.restore(leaf))
+        # leaf outputs of the 32-query pass are those of a 25-query pass (queries never see each other)
+        a = model.vit(batch["image"], leaf)["queries"]
+        b = model.vit(batch["image"], nodes)["queries"][:, model.leaf_node_index]
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_teacher_forcing_prompt_and_visual_mask(tokenizers, batch, monkeypatch):
+    model = build(tokenizers, mae=0, con=0, region=0, aca=0, entity=0)
+    seen = {}
+
+    def spy(visual, visual_mask, prompts, reports):
+        seen.update(visual=visual, mask=visual_mask, prompts=prompts, reports=reports)
+        return visual.float().pow(2).mean()
+    monkeypatch.setattr(model.report_decoder, "forward", spy)
+    model(batch)
+    B = len(batch["id"])
+    assert seen["visual"].shape == (B, 25 + 1 + 16, 32)
+    assert torch.equal(seen["mask"][:, :25], batch["anatomies"]) and seen["mask"][:, 25:].all()
+    assert seen["reports"] == batch["report"]
+    lab = batch["labels"]
+    assert lab[:, CHEXPERT_OBSERVATIONS.index("Cardiomegaly")].any()
+    for b in range(B):
+        p = seen["prompts"][b]
+        assert p.startswith("Findings:")
+        for name in ("Cardiomegaly", "Edema", "Pleural Effusion", "Pneumothorax"):
+            assert (name.lower() in p) == bool(lab[b, CHEXPERT_OBSERVATIONS.index(name)]), (p, name)
+
+
+def test_bf16_autocast(tokenizers, batch):
+    model = build(tokenizers)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch)
+    assert out["loss"].dtype == torch.float32 and all(torch.isfinite(v) for v in out.values())
+    out["loss"].backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_generate_and_heatmaps_from_the_image_only(tokenizers, batch):
+    model = build(tokenizers).eval()
+    images_only = {"image": batch["image"][:3], "id": batch["id"][:3]}  # no report, labels or anatomies
+    rows = model.generate(images_only, beam_size=2, max_new_tokens=6)
+    assert [r["id"] for r in rows] == batch["id"][:3]
+    for r in rows:
+        assert isinstance(r["report"], str) and isinstance(r["entities"], list)
+        assert r["anatomies"] and set(r["anatomies"]) <= set(GRAPH.leaf_names)
+    greedy = model.generate(images_only, beam_size=1, max_new_tokens=4)
+    assert len(greedy) == 3
+    maps = model.heatmaps(batch["image"][:2])
+    assert maps.shape == (2, 25, 32, 32) and maps.min() >= 0 and maps.max() <= 1
+    assert (maps.flatten(2).max(-1).values == 1).all()
+
+
+def test_vit_init_from_mae_checkpoint(tokenizers, tmp_path):
+    src = build(tokenizers, seed=5).vit
+    torch.save({"model": src.state_dict()}, tmp_path / "mae.pth")
+    cfg = load_config(overrides=TINY + [f"model.vit.init={tmp_path / 'mae.pth'}", "loss.lm=0"])
+    model = SSACL.from_config(cfg, *tokenizers)
+    for k, v in src.state_dict().items():
+        assert torch.equal(model.vit.state_dict()[k], v)
+
+
+def test_fifty_steps_on_a_fixed_batch_drive_every_loss_down(tokenizers, batch):
+    model = build(tokenizers, seed=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    hist = {k: [] for k in ALL}
+    torch.manual_seed(0)
+    for _ in range(50):
+        out = model(batch)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+        for k in ALL:
+            hist[k].append(out[k].item())
+    first = {k: np.mean(v[:5]) for k, v in hist.items()}
+    last = {k: np.mean(v[-5:]) for k, v in hist.items()}
+    for k in ALL:  # seen: mae 1.16 -> 0.60, con 2.67 -> 0.49, region 0.16 -> 0.08, aca 1.55 -> 0.09,
+        # entity 1.34 -> 0.53, lm 5.79 -> 3.12
+        assert last[k] < 0.8 * first[k], (k, first[k], last[k])
+
+
+def test_batch_of_one(tokenizers, batch):
+    model = build(tokenizers)
+    one = {k: v[:1] for k, v in batch.items()}
+    out = model(one)
+    assert torch.isfinite(out["loss"]) and out["con"].item() == pytest.approx(0.0, abs=1e-6)  # one candidate
+    out["loss"].backward()
+    model.eval()
+    assert len(model.generate(one, beam_size=2, max_new_tokens=3)) == 1
+    assert model.heatmaps(one["image"]).shape == (1, 25, 32, 32)

@@ -1,0 +1,74 @@
+import json
+
+import pytest
+
+from datasets.reports import clean_report
+from datasets.tokenizer import build_tokenizers, load_tokenizer, train_bpe, train_wordpiece
+from utils.config import load_config
+
+REPORTS = [clean_report(t) for t in [
+    "The heart size is normal. No pleural effusion or pneumothorax.",
+    "There is a right lower lobe opacity. The lungs are otherwise clear.",
+    "Moderate cardiomegaly. Small left pleural effusion.",
+    "Right internal jugular central venous catheter with tip at the cavoatrial junction.",
+    "No acute osseous abnormality. The mediastinal contours are normal.",
+]] * 20
+
+
+def test_wordpiece_train_save_reload(tmp_path):
+    tok = train_wordpiece(REPORTS, 200, tmp_path / "wp")
+    ids = tok("The heart size is normal .")["input_ids"]
+    assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
+    assert (tok.pad_token_id, tok.unk_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id) == (0, 1, 2, 3, 4)
+    assert tok.convert_ids_to_tokens(ids[1:3]) == ["the", "heart"]          # lower-cased
+    again = load_tokenizer(tmp_path / "wp")
+    assert again(REPORTS[1])["input_ids"] == tok(REPORTS[1])["input_ids"]
+    assert again.pad_token_id == 0 and len(again) == len(tok)
+    batch = again(REPORTS[:3], padding=True, return_tensors="pt")
+    assert batch["input_ids"].shape[0] == 3 and (batch["attention_mask"] == 0).any()
+
+
+def test_bpe_train_save_reload_round_trip(tmp_path):
+    tok = train_bpe(REPORTS, 420, tmp_path / "bpe")
+    assert (tok.eos_token, tok.bos_token, tok.pad_token) == ("<|endoftext|>", "<|bos|>", "<|pad|>")
+    assert len({tok.eos_token_id, tok.bos_token_id, tok.pad_token_id}) == 3
+    again = load_tokenizer(tmp_path / "bpe")
+    for text in REPORTS[:5] + ["an unseen word: zebra 12%"]:
+        ids = again(text)["input_ids"]
+        assert ids == tok(text)["input_ids"] and tok.bos_token_id not in ids   # no specials added
+        assert again.decode(ids) == text                                        # byte level: lossless
+    assert len(again(REPORTS[0])["input_ids"]) < len(REPORTS[0].split()) * 2   # merges were learnt
+
+
+def test_load_gpt2_style_folder_adds_pad(tmp_path):
+    tok = train_bpe(REPORTS, 280)
+    state = json.loads(tok.backend_tokenizer.to_str())
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    (folder / "vocab.json").write_text(json.dumps(state["model"]["vocab"]))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in state["model"]["merges"]]
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    loaded = load_tokenizer(folder)
+    assert loaded.pad_token is not None
+    assert loaded.decode(loaded(REPORTS[2])["input_ids"]) == REPORTS[2]
+    with pytest.raises(FileNotFoundError):
+        load_tokenizer(tmp_path / "missing")
+
+
+def test_build_tokenizers_trains_saves_and_reuses(tmp_path):
+    cfg = load_config(overrides=["model.text.vocab_size=150", "model.decoder.vocab_size=260"])
+    text_tok, dec_tok = build_tokenizers(cfg, REPORTS, tmp_path / "run")
+    assert (tmp_path / "run" / "text_tokenizer" / "tokenizer.json").is_file()
+    assert (tmp_path / "run" / "decoder_tokenizer" / "tokenizer.json").is_file()
+    assert len(text_tok) == 150 and len(dec_tok) == 260
+    # a second call (resume) reloads the saved ones rather than training on other texts
+    t2, d2 = build_tokenizers(cfg, ["something else entirely"], tmp_path / "run")
+    assert t2.get_vocab() == text_tok.get_vocab() and d2.get_vocab() == dec_tok.get_vocab()
+    # configured folders are loaded (and copied into the new run)
+    cfg = load_config(overrides=[f"model.text.tokenizer={tmp_path / 'run' / 'text_tokenizer'}",
+                                 f"model.decoder.tokenizer={tmp_path / 'run' / 'decoder_tokenizer'}"])
+    t3, d3 = build_tokenizers(cfg, ["other"], tmp_path / "run2")
+    assert t3.get_vocab() == text_tok.get_vocab() and d3.get_vocab() == dec_tok.get_vocab()
+    assert (tmp_path / "run2" / "decoder_tokenizer" / "tokenizer.json").is_file()
+    t4, d4 = build_tokenizers(load_config(overrides=["model.text.vocab_size=150"]), REPORTS, None)
+    assert len(t4) == 150

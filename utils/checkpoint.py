@@ -1,0 +1,193 @@
+"""Checkpoints: atomic saving, resuming, and partial loading of pretrained weights.
+
+A run directory holds ``checkpoint-last.pth`` (rewritten at every save), numbered
+``checkpoint-NNNN.pth`` (NNNN = epoch) and ``checkpoint-best.pth``. ``find_latest`` returns
+checkpoint-last.pth when it exists (it is the newest by construction), else the numbered file with
+the highest number; checkpoint-best.pth and temporary files are never picked.
+
+Files hold only tensors and plain containers (the config as a dict, RNG states as tensors, tuples
+and lists) so that they load with ``torch.load(weights_only=True)``. Only rank 0 writes.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from utils.dist import get_rank, get_world_size, is_main_process
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model under DDP / DataParallel (``.module``) and torch.compile (``._orig_mod``)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def rng_state() -> dict:
+    st = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": {"name": st[0], "keys": st[1].tolist(), "pos": int(st[2]),
+                       "has_gauss": int(st[3]), "cached_gaussian": float(st[4])},
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["name"], np.array(n["keys"], dtype=np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        for i, s in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    """torch.save to a temporary file in the same directory, then os.replace: an interrupted save
+    leaves the previous file intact."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path, *, model, optimizer=None, scaler=None, epoch: int, step: int, cfg,
+                    extra: dict | None = None) -> Path | None:
+    """Save model (unwrapped), optimizer, grad scaler, epoch, global step, config and RNG states.
+    Does nothing on ranks other than 0 (no collective inside: safe to call on rank 0 only).
+    ``extra`` must hold only tensors / numbers / strings / containers of them."""
+    if not is_main_process():
+        return None
+    state = {"model": unwrap(model).state_dict(), "epoch": int(epoch), "step": int(step),
+             "config": cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg or {}),
+             "rng": rng_state(), "world_size": get_world_size()}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    if extra:
+        state["extra"] = extra
+    path = Path(path)
+    _atomic_save(state, path)
+    return path
+
+
+def load_checkpoint(path, model, optimizer=None, scaler=None, restore_rng: bool = True) -> dict:
+    """Load a checkpoint written by save_checkpoint (strictly) and return its dict (epoch, step,
+    config, extra ...). RNG states are restored; with several ranks each rank is then reseeded from
+    the restored state plus its rank, so ranks differ and a resume is reproducible."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    unwrap(model).load_state_dict(ckpt["model"])
+    if optimizer is not None and "optimizer" in ckpt:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    if restore_rng and "rng" in ckpt:
+        set_rng_state(ckpt["rng"])
+        if get_world_size() > 1:
+            seed = int(torch.randint(0, 2**31 - 1, (1,))) + get_rank()
+            random.seed(seed)
+            np.random.seed(seed)
+            torch.manual_seed(seed)
+    return ckpt
+
+
+def find_latest(run_dir) -> Path | None:
+    """The checkpoint ``--resume auto`` continues from (rule in the module docstring), or None."""
+    run_dir = Path(run_dir)
+    last = run_dir / "checkpoint-last.pth"
+    if last.is_file():
+        return last
+    numbered = []
+    for p in run_dir.glob("checkpoint-*.pth"):
+        m = re.fullmatch(r"checkpoint-\D*(\d+)\.pth", p.name)
+        if m:
+            numbered.append((int(m.group(1)), p))
+    return max(numbered)[1] if numbered else None
+
+
+@dataclass
+class PartialLoadReport:
+    matched: list[str] = field(default_factory=list)       # module keys that were loaded
+    missing: list[str] = field(default_factory=list)       # module keys the checkpoint did not fill
+    skipped: dict[str, str] = field(default_factory=dict)  # checkpoint key -> why it was not loaded
+
+    def __str__(self) -> str:
+        lines = [f"loaded {len(self.matched)} tensors; {len(self.missing)} missing, "
+                 f"{len(self.skipped)} skipped"]
+        if self.missing:
+            lines.append("  missing: " + ", ".join(_summarize(self.missing)))
+        lines += [f"  skipped {k}: {why}" for k, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def _summarize(keys: list[str], limit: int = 12) -> list[str]:
+    """Keys as they are when few; else grouped by their first two name parts with a count."""
+    if len(keys) <= limit:
+        return keys
+    groups: dict[str, int] = defaultdict(int)
+    for k in keys:
+        groups[".".join(k.split(".")[:2])] += 1
+    return [f"{g}.* ({n})" if n > 1 else g for g, n in groups.items()]
+
+
+def _rename(key: str, prefix_map: dict) -> str | None:
+    """Apply the longest matching prefix of ``prefix_map`` (old -> new, None = drop)."""
+    for old in sorted(prefix_map, key=len, reverse=True):
+        if key.startswith(old):
+            new = prefix_map[old]
+            return None if new is None else new + key[len(old):]
+    return key
+
+
+def load_partial(module: nn.Module, state_dict: dict, prefix_map: dict | None = None
+                 ) -> PartialLoadReport:
+    """Load the tensors of ``state_dict`` (or of its "model" / "state_dict" entry, as in MAE
+    checkpoints) whose renamed key exists in ``module`` with the same shape; report the rest.
+    A leading "module." (DDP) is stripped before ``prefix_map`` applies, e.g. {"": "vit."} loads a
+    bare ViT into SSACL.vit and {"decoder_": None} drops MAE decoder keys."""
+    for k in ("model", "state_dict"):
+        if isinstance(state_dict.get(k), dict):
+            state_dict = state_dict[k]
+            break
+    module = unwrap(module)
+    own = module.state_dict()
+    load, skipped = {}, {}
+    for key, value in state_dict.items():
+        new = _rename(key.removeprefix("module."), prefix_map or {})
+        if new is None:
+            skipped[key] = "dropped by prefix_map"
+        elif not torch.is_tensor(value):
+            skipped[key] = f"not a tensor ({type(value).__name__})"
+        elif new not in own:
+            skipped[key] = "unexpected key" + (f" (renamed {new!r})" if new != key else "")
+        elif value.shape != own[new].shape:
+            skipped[key] = (f"shape mismatch: checkpoint {tuple(value.shape)} "
+                            f"vs model {tuple(own[new].shape)}")
+        else:
+            load[new] = value
+    module.load_state_dict(load, strict=False)
+    return PartialLoadReport(sorted(load), [k for k in own if k not in load], skipped)

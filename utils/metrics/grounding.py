@@ -1,0 +1,204 @@
+"""Grounding metrics of a heatmap against a region (box or mask): IoU over thresholds, CNR, pointing game, Dice.
+
+Heatmap and mask are 2-D arrays of the same shape (numpy or torch); the mask is boolean (nonzero = inside).
+Boxes (MS-CXR: [x, y, w, h] in original-image pixels) are mapped through the same resize and crop/pad as
+the image (:func:`transform_boxes`, :func:`box_to_mask`) before rasterising. Conventions:
+- IoU / Dice binarise the heatmap after min-max normalisation to [0, 1] as ``heat >= threshold``
+  (a constant heatmap normalises to all zeros). mIoU is the mean IoU over thresholds 0.1, 0.2, ..., 0.9.
+- CNR = |mean_in - mean_out| / sqrt(var_in + var_out) (BioViL / MS-CXR; population variances); invariant to
+  affine rescaling of the heatmap. ``cnr(..., signed=True)`` keeps the sign of mean_in - mean_out, so a
+  heatmap that avoids the region scores negative (the absolute CNR would reward it).
+- Pointing game: the share of the heatmap's maximal pixels that lie in the region: 1/0 with a unique maximum;
+  a flat heatmap scores the region's area fraction, i.e. chance, not a hit.
+Undefined values (empty region, region covering everything) are nan; :func:`aggregate` averages ignoring nan.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections import OrderedDict
+
+import numpy as np
+
+THRESHOLDS = tuple(round(t, 1) for t in np.arange(0.1, 1.0, 0.1))
+BOX_MODES = ("resize", "center_crop", "pad")
+
+
+def _np(x) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x)
+
+
+def _pair(heatmap, mask) -> tuple[np.ndarray, np.ndarray]:
+    h, m = _np(heatmap).astype(np.float64), _np(mask).astype(bool)
+    h, m = np.squeeze(h), np.squeeze(m)
+    if h.shape != m.shape or h.ndim != 2:
+        raise ValueError(f"heatmap {h.shape} and mask {m.shape} must be 2-D arrays of the same shape")
+    return h, m
+
+
+def normalize(heatmap) -> np.ndarray:
+    """Min-max normalisation to [0, 1]; a constant map becomes all zeros."""
+    h = _np(heatmap).astype(np.float64)
+    lo, hi = np.nanmin(h), np.nanmax(h)
+    return (h - lo) / (hi - lo) if hi > lo else np.zeros_like(h)
+
+
+def _iou(pred: np.ndarray, mask: np.ndarray) -> float:
+    union = np.logical_or(pred, mask).sum()
+    return float(np.logical_and(pred, mask).sum() / union) if union else math.nan
+
+
+def iou_at_thresholds(heatmap, mask, thresholds=THRESHOLDS) -> np.ndarray:
+    """IoU of ``normalize(heatmap) >= t`` with the mask, for each threshold t."""
+    h, m = _pair(heatmap, mask)
+    if not m.any():
+        return np.full(len(thresholds), math.nan)
+    h = normalize(h)
+    return np.array([_iou(h >= t, m) for t in thresholds])
+
+
+iou_over_thresholds = iou_at_thresholds  # the name in CONTRACT.md
+
+
+def mean_iou(heatmap, mask, thresholds=THRESHOLDS) -> float:
+    return float(np.mean(iou_at_thresholds(heatmap, mask, thresholds)))
+
+
+def dice(heatmap, mask, threshold: float = 0.5) -> float:
+    """Dice of ``normalize(heatmap) >= threshold`` with the mask (pass a 0/1 heatmap to score a hard mask)."""
+    h, m = _pair(heatmap, mask)
+    p = normalize(h) >= threshold
+    denom = p.sum() + m.sum()
+    return float(2 * np.logical_and(p, m).sum() / denom) if denom else math.nan
+
+
+def cnr(heatmap, mask, signed: bool = False) -> float:
+    """Contrast-to-noise ratio |mu_in - mu_out| / sqrt(var_in + var_out) (signed: mu_in - mu_out)."""
+    h, m = _pair(heatmap, mask)
+    inside, outside = h[m], h[~m]
+    if inside.size == 0 or outside.size == 0:
+        return math.nan
+    diff = inside.mean() - outside.mean()
+    denom = math.sqrt(inside.var() + outside.var())
+    if denom == 0:
+        return 0.0 if diff == 0 else math.copysign(math.inf, diff if signed else 1.0)
+    return float(diff / denom if signed else abs(diff) / denom)
+
+
+def pointing_game(heatmap, mask) -> float:
+    """Share of the heatmap's maximal pixels inside the mask (1.0 = hit with a unique maximum)."""
+    h, m = _pair(heatmap, mask)
+    if not m.any():
+        return math.nan
+    top = h == np.nanmax(h)
+    return float(m[top].mean())
+
+
+def grounding_metrics(heatmap, mask, thresholds=THRESHOLDS, dice_threshold: float = 0.5) -> dict:
+    """All metrics of one heatmap/region pair: iou@t, mIoU, CNR (abs and signed), pointing game, Dice."""
+    ious = iou_at_thresholds(heatmap, mask, thresholds)
+    out = {f"iou@{t:g}": float(v) for t, v in zip(thresholds, ious)}
+    out.update(miou=float(np.mean(ious)), cnr=cnr(heatmap, mask), cnr_signed=cnr(heatmap, mask, signed=True),
+               pointing_game=pointing_game(heatmap, mask), dice=dice(heatmap, mask, dice_threshold))
+    return out
+
+
+def aggregate(rows: list[dict]) -> dict:
+    """Mean of each metric over samples, ignoring nan (and +-inf for CNR), plus ``n`` counted samples."""
+    out: dict = {"n": len(rows)}
+    for k in rows[0] if rows else []:
+        vals = np.array([r[k] for r in rows], dtype=float)
+        vals = vals[np.isfinite(vals)]
+        out[k] = float(vals.mean()) if vals.size else math.nan
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Boxes through the image transform
+# ----------------------------------------------------------------------------------------------------------
+
+def _size_hw(size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def transform_boxes(boxes_xywh, orig_hw: tuple[int, int], size, mode: str = "resize") -> np.ndarray:
+    """Map [K, 4] boxes (x, y, w, h in original pixels) to [K, 4] (x1, y1, x2, y2) in output pixels.
+
+    ``orig_hw`` = (height, width) of the original image; ``size`` = int or (h, w) of the model input. Modes:
+      resize      - stretch to (h, w): this project's eval transform (datasets/cxr.py, Resize((s, s)));
+      center_crop - torchvision Resize(int) (shorter side -> size, longer side int(size * long / short)),
+                    then CenterCrop(size) (offset int(round((new - size) / 2)));
+      pad         - longer side -> size (shorter side round(size * short / long)), centred zero padding
+                    (offset (size - new) // 2).
+    """
+    if mode not in BOX_MODES:
+        raise ValueError(f"mode must be one of {BOX_MODES}, got {mode!r}")
+    b = np.asarray(boxes_xywh, dtype=np.float64).reshape(-1, 4)
+    H, W = orig_hw
+    oh, ow = _size_hw(size)
+    if mode == "resize":
+        sy, sx, top, left = oh / H, ow / W, 0.0, 0.0
+    elif mode == "center_crop":
+        if oh != ow:
+            raise ValueError("center_crop needs a square size")
+        short, long = min(H, W), max(H, W)
+        new_long = int(oh * long / short)
+        nh, nw = (oh, new_long) if H <= W else (new_long, oh)
+        sy, sx = nh / H, nw / W
+        top, left = -int(round((nh - oh) / 2.0)), -int(round((nw - ow) / 2.0))
+    else:
+        if oh != ow:
+            raise ValueError("pad needs a square size")
+        scale = oh / max(H, W)
+        nh, nw = int(round(H * scale)), int(round(W * scale))
+        sy, sx = nh / H, nw / W
+        top, left = (oh - nh) // 2, (ow - nw) // 2
+    x1, y1 = b[:, 0] * sx + left, b[:, 1] * sy + top
+    x2, y2 = (b[:, 0] + b[:, 2]) * sx + left, (b[:, 1] + b[:, 3]) * sy + top
+    return np.stack([x1, y1, x2, y2], axis=1)
+
+
+def box_to_mask(boxes_xywh, orig_hw: tuple[int, int], size, mode: str = "resize") -> np.ndarray:
+    """Boolean [h, w] mask of the union of the boxes after :func:`transform_boxes`.
+
+    A pixel is inside when its centre is: columns ceil(x1 - 0.5) .. ceil(x2 - 0.5) - 1, clipped to the image.
+    """
+    oh, ow = _size_hw(size)
+    mask = np.zeros((oh, ow), dtype=bool)
+    for x1, y1, x2, y2 in transform_boxes(boxes_xywh, orig_hw, size, mode):
+        c0, c1 = max(0, math.ceil(x1 - 0.5)), min(ow, math.ceil(x2 - 0.5))
+        r0, r1 = max(0, math.ceil(y1 - 0.5)), min(oh, math.ceil(y2 - 0.5))
+        if c1 > c0 and r1 > r0:
+            mask[r0:r1, c0:c1] = True
+    return mask
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MS-CXR
+# ----------------------------------------------------------------------------------------------------------
+
+def load_ms_cxr(json_path: str) -> list[dict]:
+    """MS-CXR's COCO-style JSON -> one entry per (image, category, phrase) with its boxes merged.
+
+    Entry: {"image_id", "dicom_id" (file-name stem), "file_name", "path", "width", "height", "category",
+    "label_text", "boxes": [[x, y, w, h], ...]} in the file's order.
+    """
+    with open(json_path) as f:
+        coco = json.load(f)
+    images = {img["id"]: img for img in coco["images"]}
+    cats = {c["id"]: c["name"] for c in coco.get("categories", [])}
+    groups: OrderedDict = OrderedDict()
+    for ann in coco["annotations"]:
+        img = images[ann["image_id"]]
+        cat = cats.get(ann.get("category_id"), ann.get("category_name"))
+        key = (ann["image_id"], cat, ann.get("label_text", ""))
+        if key not in groups:
+            name = img.get("file_name", img.get("path", ""))
+            groups[key] = {"image_id": ann["image_id"], "dicom_id": name.rsplit("/", 1)[-1].rsplit(".", 1)[0],
+                           "file_name": name, "path": img.get("path", name), "width": img["width"],
+                           "height": img["height"], "category": cat, "label_text": ann.get("label_text", ""),
+                           "boxes": []}
+        groups[key]["boxes"].append([float(v) for v in ann["bbox"]])
+    return list(groups.values())

@@ -418,7 +418,8 @@ def _choose(rng, options, dominant=0.6):
 _LOBE = {"upper": "{s} upper lobe", "mid": "{s} mid lung", "lower": "{s} lower lobe"}
 
 
-def _finding_sentence(ev, rng) -> str:
+def finding_templates(ev) -> list[str]:
+    """The phrasings of one finding event (the first is the dominant one)."""
     t, leaf = ev["type"], ev["leaf"]
     s = leaf.split()[0]
     zone, lobe = leaf, ""
@@ -440,14 +441,13 @@ def _finding_sentence(ev, rng) -> str:
         "fracture": [f"there is a fracture of the {s} clavicle", f"displaced {s} clavicular fracture",
                      f"acute fracture of the {s} clavicle"],
         "widened_mediastinum": ["the mediastinum is widened", "widened mediastinum",
-                                "there is widening of the upper mediastinum"],
+                                "there is widening of the superior mediastinum"],
     }
     if t == "support_device":
         entry = "right internal jugular" if ev["entry"] == "right" else "left subclavian"
         where = "at the cavoatrial junction" if leaf == "cavoatrial junction" else "in the superior vena cava"
-        return _choose(rng, [f"{entry} central venous catheter with tip {where}",
-                             f"{entry} central line terminates {where}"])
-    return _choose(rng, T[t])
+        return [f"{entry} central venous catheter with tip {where}", f"{entry} central line terminates {where}"]
+    return T[t]
 
 
 def _normal_sentences(types: set, rng) -> tuple[list[str], list[str]]:
@@ -456,8 +456,10 @@ def _normal_sentences(types: set, rng) -> tuple[list[str], list[str]]:
     focal = {"opacity", "consolidation", "nodule", "atelectasis"}
     if not types & LUNG_FINDINGS:
         sents.append(_choose(rng, ["the lungs are clear", "the lungs are well expanded and clear"]))
+        negated.append("Lung Opacity")
     elif not types & (LUNG_FINDINGS - focal):
         sents.append("the lungs are otherwise clear")
+        negated.append("Lung Opacity")       # overridden by a positive opacity below
     if "cardiomegaly" not in types:
         sents.append(_choose(rng, ["the heart size is normal", "normal heart size"]))
         negated.append("Cardiomegaly")
@@ -477,9 +479,10 @@ def _normal_sentences(types: set, rng) -> tuple[list[str], list[str]]:
     return sents, negated
 
 
-def _report(events, rng) -> tuple[str, list]:
+def make_report(events, rng) -> tuple[str, list]:
+    """(report text, 14 CheXpert labels: 1 finding, 0 negated by a normal sentence, None unmentioned)."""
     types = {ev["type"] for ev in events}
-    found = [_finding_sentence(ev, rng) for ev in events]
+    found = [_choose(rng, finding_templates(ev)) for ev in events]
     normal, negated = _normal_sentences(types, rng)
     rng.shuffle(found)
     rng.shuffle(normal)
@@ -532,7 +535,7 @@ def render_study(index: int, size: int = 224, seed: int = 0, normal_frac: float 
     lut = ((np.linspace(0, 1, 1024) ** rng.uniform(0.85, 1.15)) * 255 + 0.5).astype(np.uint8)   # gamma
     image = lut[(np.clip(img, 0, 1) * 1023 + 0.5).astype(np.int32)]
 
-    report, labels = _report(events, rng)
+    report, labels = make_report(events, rng)
     anat = {lf for t, lf, _ in found} | {a for ev in events for a in EXTRA_ANATOMIES.get(ev["type"], ())}
     anatomies = [n for n in GRAPH.leaf_names if n in anat] or list(NORMAL_ANATOMIES)
     findings = [{"type": t, "observation": FINDINGS[t][0], "anatomy": lf, "mask": m} for t, lf, m in found]

@@ -9,13 +9,9 @@ checkpoint-last.pth (resume), checkpoint-NNNN.pth, checkpoint-best.pth (by train
 """
 from __future__ import annotations
 
-import datetime
-import json
-import time
-
 from datasets.cxr import build_dataset
 from engine.evaluate import evaluate_loss
-from engine.train import train_one_epoch
+from engine.train import train_epochs
 from models.ssacl import SSACL
 from utils import run
 from utils.config import save_config
@@ -46,26 +42,15 @@ def main(args):
     model_ddp = run.wrap_ddp(model, cfg, info)
     train_loader, val_loader = run.train_loader(train_set, cfg, info), run.eval_loader(val_set, cfg, info)
 
-    print(f"start training at epoch {start_epoch} (batch {start_step}) of {cfg.optim.epochs}")
-    t0 = time.time()
-    for epoch in range(start_epoch, cfg.optim.epochs):
-        stats = train_one_epoch(model_ddp, train_loader, optimizer, scaler, epoch, cfg, device, tb=tb,
-                                start_step=start_step, on_step=ckpt.on_step)
-        start_step, step = 0, stats["global_step"]
-        metrics = {}
-        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.optim.epochs:
-            metrics = {f"val/{k}": v for k, v in evaluate_loss(model_ddp, val_loader, device, cfg.train.amp).items()}
-            tb.add_scalars(metrics, step)
-            print(f"[val] epoch {epoch}: " + "  ".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
-        ckpt.end_epoch(epoch, step, metrics)
-        if is_main_process():
-            with open(run_dir / "log_stats.jsonl", "a") as f:
-                f.write(json.dumps({"epoch": epoch, "step": step, **{f"train/{k}": v for k, v in stats.items()},
-                                    **metrics}) + "\n")
-        tb.flush()
 
-    print(f"training time {datetime.timedelta(seconds=int(time.time() - t0))}; "
-          f"best {cfg.train.best_metric}: {ckpt.best}; checkpoints in {run_dir}")
+    def validate(epoch, step):
+        metrics = {f"val/{k}": v for k, v in evaluate_loss(model_ddp, val_loader, device, cfg.train.amp).items()}
+        tb.add_scalars(metrics, step)
+        print(f"[val] epoch {epoch}: " + "  ".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+    train_epochs(model_ddp, train_loader, optimizer, scaler, cfg, device, ckpt=ckpt, tb=tb, run_dir=run_dir,
+                 start_epoch=start_epoch, start_step=start_step, validate=validate)
     tb.close()
     cleanup()
 

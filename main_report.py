@@ -11,15 +11,13 @@ val/epoch_NNNN/, eval_<split>/ (generated.jsonl, metrics.json, overlays/) and pr
 """
 from __future__ import annotations
 
-import datetime
 import json
-import time
 
 import torch
 
 from datasets.cxr import build_dataset
 from engine.evaluate import generate_and_score
-from engine.train import train_one_epoch
+from engine.train import train_epochs
 from models.ssacl import SSACL
 from utils import run
 from utils.checkpoint import load_partial
@@ -61,26 +59,15 @@ def finetune(cfg):
     model_ddp = run.wrap_ddp(model, cfg, info)
     train_loader, val_loader = run.train_loader(train_set, cfg, info), run.eval_loader(val_set, cfg, info)
 
-    print(f"start training at epoch {start_epoch} (batch {start_step}) of {cfg.optim.epochs}")
-    t0 = time.time()
-    for epoch in range(start_epoch, cfg.optim.epochs):
-        stats = train_one_epoch(model_ddp, train_loader, optimizer, scaler, epoch, cfg, device, tb=tb,
-                                start_step=start_step, on_step=ckpt.on_step)
-        start_step, step = 0, stats["global_step"]
-        metrics = {}
-        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.optim.epochs:
-            val = generate_and_score(model_ddp, val_loader, device, cfg, run_dir / "val" / f"epoch_{epoch:04d}",
-                                     tb=tb, epoch=epoch, prefix="val", step=step)
-            metrics = {f"val/{k}": v for k, v in val.items()}
-        ckpt.end_epoch(epoch, step, metrics)
-        if is_main_process():
-            with open(run_dir / "log_stats.jsonl", "a") as f:
-                f.write(json.dumps({"epoch": epoch, "step": step, **{f"train/{k}": v for k, v in stats.items()},
-                                    **metrics}) + "\n")
-        tb.flush()
 
-    print(f"training time {datetime.timedelta(seconds=int(time.time() - t0))}; best {cfg.train.best_metric}: "
-          f"{ckpt.best}\nevaluate on {cfg.eval.split}: python main_report.py --config <this config> --eval "
+    def validate(epoch, step):
+        val = generate_and_score(model_ddp, val_loader, device, cfg, run_dir / "val" / f"epoch_{epoch:04d}",
+                                 tb=tb, epoch=epoch, prefix="val", step=step)
+        return {f"val/{k}": v for k, v in val.items()}
+
+    train_epochs(model_ddp, train_loader, optimizer, scaler, cfg, device, ckpt=ckpt, tb=tb, run_dir=run_dir,
+                 start_epoch=start_epoch, start_step=start_step, validate=validate)
+    print(f"evaluate on {cfg.eval.split}: python main_report.py --config <this config> --eval "
           f"--checkpoint {run_dir / 'checkpoint-best.pth'}")
     tb.close()
 

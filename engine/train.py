@@ -7,6 +7,8 @@ every other entry is logged.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import json
 import itertools
 import math
 import time
@@ -15,6 +17,7 @@ import torch
 import torch.distributed as tdist
 
 from utils import lr_sched
+from utils.dist import is_main_process
 from utils.logging import MetricLogger, SmoothedValue
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
@@ -268,3 +271,26 @@ def _bad_counts(dataset, device, print_fn) -> dict:
         if summary:
             print_fn(summary)
     return {f"bad_{k}": v for k, v in counts.items()}
+
+
+def train_epochs(model, loader, optimizer, scaler, cfg, device, *, ckpt, tb, run_dir, start_epoch: int,
+                 start_step: int, validate) -> None:
+    """The epoch loop of both entry points: train, ``validate(epoch, step) -> metrics`` every
+    ``train.eval_every`` epochs (and after the last), checkpoint, append to log_stats.jsonl."""
+    print(f"start training at epoch {start_epoch} (batch {start_step}) of {cfg.optim.epochs}")
+    t0 = time.time()
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        stats = train_one_epoch(model, loader, optimizer, scaler, epoch, cfg, device, tb=tb,
+                                start_step=start_step, on_step=ckpt.on_step)
+        start_step, step = 0, stats["global_step"]
+        metrics = {}
+        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.optim.epochs:
+            metrics = validate(epoch, step)
+        ckpt.end_epoch(epoch, step, metrics)
+        if is_main_process():
+            with open(run_dir / "log_stats.jsonl", "a") as f:
+                f.write(json.dumps({"epoch": epoch, "step": step, **{f"train/{k}": v for k, v in stats.items()},
+                                    **metrics}) + "\n")
+        tb.flush()
+    print(f"training time {datetime.timedelta(seconds=int(time.time() - t0))}; "
+          f"best {cfg.train.best_metric}: {ckpt.best}; checkpoints in {run_dir}")

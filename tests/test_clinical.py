@@ -58,6 +58,7 @@ SYNTHETIC = {
     "Heart size is normal. The lungs are clear.": {"Cardiomegaly": NEG, "Lung Opacity": NEG},
     "Enlarged cardiac silhouette.": {"Cardiomegaly": POS},
     "Enlarged cardiomediastinal silhouette.": {"Enlarged Cardiomediastinum": POS},
+    "There is widening of the upper mediastinum.": {"Enlarged Cardiomediastinum": POS},
     "Left lower lobe atelectatic changes.": {"Atelectasis": POS},
     "Bilateral infiltrates and hazy opacification.": {"Lung Opacity": POS},
     "Mild pulmonary vascular congestion.": {"Edema": POS},

@@ -53,7 +53,7 @@ _PATTERNS: dict[str, tuple[list[str], list[str]]] = {
         r"(?:enlarged|widened|wide|prominent) (?:cardio-?mediastin\w*|mediastin\w*)(?: silhouette| contours?)?",
         rf"(?:cardio-?)?mediastin(?:um|al silhouette|al contours?){_BE} {_G}(?:widened|enlarged|wide|prominent)",
         r"(?:cardio-?)?mediastinal (?:widening|enlargement|prominence)",
-        r"widening of the (?:superior )?(?:cardio)?mediastinum",
+        r"widening of the (?:superior |upper )?(?:cardio)?mediastinum",
         r"enlargement of the (?:cardio)?mediastin\w*(?: silhouette)?",
     ], [
         rf"{_CMED} (?:silhouette|contours?|shadow)s?{_AND}{_BE} {_G}{_NORMAL}",

@@ -86,12 +86,12 @@ def _pycocoevalcap(gts, res) -> dict:
 
 @pytest.fixture(scope="module")
 def both():
-    """(ours, pycocoevalcap's) on the same inputs; the two METEOR JVMs load side by side."""
+    """(ours with METEOR split over two JVMs, pycocoevalcap's) on the same inputs, computed side by side."""
     gts, res = _pairs()
     ref: dict = {}
     worker = threading.Thread(target=lambda: ref.update(_pycocoevalcap(gts, res)))
     worker.start()
-    ours = score_nlg(gts, res)
+    ours = score_nlg(gts, res, meteor_workers=2)
     worker.join()
     return ours, ref
 

@@ -221,8 +221,8 @@ class MeteorProcess:
         self.proc = subprocess.Popen(METEOR_CMD, cwd=METEOR_DIR, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self._stderr)
 
-    def compute_score(self, gts: dict, res: dict) -> tuple[float, list[float]]:
-        ids = list(gts)
+    def segment_stats(self, gts: dict, res: dict, ids: list) -> list[str]:
+        """The SCORE line of every id: METEOR's per-segment statistics (independent across segments)."""
         lines = []
         for i in ids:
             hyp = res[i][0].replace("|||", "").replace("  ", " ")
@@ -240,10 +240,15 @@ class MeteorProcess:
         writer.start()
         stats = [stdout.readline().decode().strip() for _ in ids]
         writer.join()
-        stdin.write(("EVAL ||| " + " ||| ".join(stats) + "\n").encode())
-        stdin.flush()
-        scores = [float(stdout.readline().strip()) for _ in ids]
-        return float(stdout.readline().strip()), scores
+        return stats
+
+    def evaluate(self, stats: list[str]) -> tuple[float, list[float]]:
+        """pycocoevalcap's EVAL line: the corpus score from all segments' statistics, and each segment's."""
+        self.proc.stdin.write(("EVAL ||| " + " ||| ".join(stats) + "\n").encode())
+        self.proc.stdin.flush()
+        scores = [float(self.proc.stdout.readline().strip()) for _ in stats]
+        return float(self.proc.stdout.readline().strip()), scores
+
 
     def stderr_tail(self) -> str:
         self._stderr.seek(0)
@@ -258,6 +263,27 @@ class MeteorProcess:
                 f.close()
             except OSError:
                 pass
+
+
+def meteor_parallel(procs: list[MeteorProcess], gts: dict, res: dict) -> tuple[float, list[float]]:
+    """Segments split over several JVMs, then one EVAL over all statistics: the same numbers as one JVM."""
+    ids = list(gts)
+    chunks = [ids[k::len(procs)] for k in range(len(procs))]
+    stats: list[list[str]] = [[] for _ in procs]
+
+    def work(k):
+        stats[k] = procs[k].segment_stats(gts, res, chunks[k])
+
+    threads = [threading.Thread(target=work, args=(k,), daemon=True) for k in range(1, len(procs))]
+    for t in threads:
+        t.start()
+    work(0)
+    for t in threads:
+        t.join()
+    by_id = {i: st for chunk, sts in zip(chunks, stats) for i, st in zip(chunk, sts)}
+    if len(by_id) != len(ids):
+        raise RuntimeError("a METEOR process returned fewer statistics than segments")
+    return procs[0].evaluate([by_id[i] for i in ids])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -319,13 +345,14 @@ def _check(gts: dict, res: dict) -> tuple[list, dict, dict]:
 
 
 def score_nlg(gts: dict, res: dict, *, use_java: bool | None = None, meteor: bool = True,
-              details: dict | None = None) -> dict:
+              details: dict | None = None, meteor_workers: int | None = None) -> dict:
     """BLEU_1..4, METEOR, ROUGE_L, CIDEr of generated ``res`` against references ``gts``.
 
     ``gts``: id -> list of reference strings (or one string); ``res``: id -> [generated string] (or the string).
     Values are pycocoevalcap's (fractions; CIDEr-D on its usual 0-10 scale, computed with the IDF of these
     references). METEOR is None when there is no Java (or ``meteor=False``), with a warning. ``use_java=False``
-    forces the pure-Python tokenizer. If ``details`` is a dict it receives the tokenizer used, per-report
+    forces the pure-Python tokenizer. ``meteor_workers`` METEOR JVMs share the segments (default: one per
+    core from 1,000 reports on; each JVM costs ~10 s of CPU to start). If ``details`` is a dict it receives the tokenizer used, per-report
     scores and timings.
     """
     t0 = time.perf_counter()
@@ -333,9 +360,11 @@ def score_nlg(gts: dict, res: dict, *, use_java: bool | None = None, meteor: boo
     java = java_available() if use_java is None else bool(use_java)
     if use_java and not java_available():
         raise RuntimeError("use_java=True but no 'java' on PATH")
-    met = None
+    mets: list[MeteorProcess] = []
     if meteor and java:
-        met = MeteorProcess()  # starts loading now, scored last
+        if meteor_workers is None:
+            meteor_workers = min(os.cpu_count() or 1, 4) if len(ids) >= 1000 else 1
+        mets = [MeteorProcess() for _ in range(max(1, meteor_workers))]  # start loading now, scored last
     elif meteor:
         warnings.warn("no Java runtime on PATH: METEOR is reported as missing (None); BLEU/ROUGE-L/CIDEr use the "
                       "pure-Python PTB tokenizer. Install a JRE (scripts/setup_env.sh does) for METEOR.",
@@ -354,11 +383,11 @@ def score_nlg(gts: dict, res: dict, *, use_java: bool | None = None, meteor: boo
         timings["tokenize"] = time.perf_counter() - t0
 
         met_result: dict = {}
-        if met is not None:
+        if mets:
             def run_meteor():
                 t = time.perf_counter()
                 try:
-                    met_result["value"] = met.compute_score(tgts, tres)
+                    met_result["value"] = meteor_parallel(mets, tgts, tres)
                 except Exception as e:  # noqa: BLE001 - reported below, never replaced
                     met_result["error"] = e
                 met_result["seconds"] = time.perf_counter() - t
@@ -380,7 +409,7 @@ def score_nlg(gts: dict, res: dict, *, use_java: bool | None = None, meteor: boo
         out["CIDEr"], per_report["CIDEr"] = float(cider), [float(x) for x in cider_each]
         timings["CIDEr"] = time.perf_counter() - t
 
-        if met is not None:
+        if mets:
             met_thread.join()
             timings["METEOR"] = met_result["seconds"]
             if "value" in met_result:
@@ -388,9 +417,9 @@ def score_nlg(gts: dict, res: dict, *, use_java: bool | None = None, meteor: boo
                 per_report["METEOR"] = [float(x) for x in met_result["value"][1]]
             else:
                 warnings.warn(f"METEOR failed and is reported as missing: {met_result['error']!r}; "
-                              f"java stderr: {met.stderr_tail()}", RuntimeWarning, stacklevel=2)
+                              f"java stderr: {mets[0].stderr_tail()}", RuntimeWarning, stacklevel=2)
     finally:
-        if met is not None:
+        for met in mets:
             met.close()
     timings["total"] = time.perf_counter() - t0
     if details is not None:

@@ -20,9 +20,12 @@ CPU peak RSS belongs to that configuration alone):
 
 Peak memory: CUDA ``torch.cuda.max_memory_allocated`` over the timed steps; CPU the process's peak
 resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``, the high-water mark of the whole
-subprocess) and "step memory" = that peak minus the RSS measured just before the timed steps (model,
-AdamW states and data already resident), i.e. what one training step adds. Memory per sample is the
-step memory (CPU) or the peak (CUDA) over the batch size.
+subprocess, which runs with ``MALLOC_MMAP_THRESHOLD_=131072`` so that freed tensors leave the RSS) and
+"step memory" = that peak minus the RSS measured just before the timed steps (model, AdamW states and
+data already resident): activations, gradients and temporaries of one step. Memory per sample is the
+step memory (CPU) or the peak (CUDA) over the batch size. ``--graphs`` repeats the first preset's
+training step with a larger anatomy graph (model.graph = synthetic_<leaves>) and prints the measured
+increase of memory per sample beside what the extra query tokens alone should add.
 
 Tokenizers are trained on synthetic reports and padded with unused tokens to the config's vocab_size,
 so that the embedding tables and the LM head have the size a real run gets.
@@ -143,6 +146,22 @@ def make_batch(cfg, studies: list[dict], graph, device: torch.device) -> dict:
              "labels": torch.stack([torch.from_numpy(binarize_labels(s["labels"])) for s in studies]).float(),
              "anatomies": torch.stack(anat), "index": torch.arange(len(studies))}
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def lm_seq_tokens(model, cfg, studies, graph) -> float:
+    """Mean decoder sequence length in training: visual prefix (leaves + CLS + patches) + prompt + report."""
+    if model.report_decoder is None:
+        return 0.0
+    from datasets.cxr import binarize_labels
+    from datasets.reports import clean_report
+    from models.entity_head import EntityHead
+    labels = torch.stack([torch.from_numpy(binarize_labels(s["labels"])) for s in studies])
+    prompts = EntityHead.prompt(labels)
+    enc = model.report_decoder.encode
+    text = [len(p) + len(r[:cfg.model.decoder.max_report_tokens]) + 2
+            for p, r in zip(enc(prompts), enc([clean_report(s["report"]) for s in studies]))]
+    visual = graph.num_leaves + 1 + (cfg.data.image_size // cfg.model.vit.patch_size) ** 2
+    return visual + sum(text) / len(text)
 
 
 def build_model(cfg, device: torch.device, reports: list[str]):
@@ -286,9 +305,14 @@ def run_one(preset: str = "tiny", graph: str = "default", device: str = "auto", 
               "query_tokens": len(g.names) if cfg.loss.region else g.num_leaves,
               "device": str(dev), "device_name": device_name(dev), "threads": torch.get_num_threads(),
               "torch": torch.__version__, "params": params, "image_size": cfg.data.image_size,
-              "vit": dict(cfg.model.vit.to_dict()) if hasattr(cfg.model.vit, "to_dict") else str(cfg.model.vit),
+              "vit": {k: cfg.model.vit[k] for k in ("patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio")},
               "decoder": {k: cfg.model.decoder[k] for k in ("n_embd", "n_layer", "n_head", "vocab_size")},
-              "losses": {k: float(v) for k, v in model.weights.items()}}
+              "losses": {k: float(v) for k, v in model.weights.items()},
+              "arch": {"depth": cfg.model.vit.depth, "embed_dim": cfg.model.vit.embed_dim,
+                       "mlp_ratio": cfg.model.vit.mlp_ratio, "region_depth": cfg.model.region.decoder_depth,
+                       "region_dim": cfg.model.region.decoder_dim, "lm_layers": cfg.model.decoder.n_layer,
+                       "lm_dim": cfg.model.decoder.n_embd, "lm_heads": cfg.model.decoder.n_head,
+                       "lm_seq_tokens": lm_seq_tokens(model, cfg, studies[:B], g)}}
     train_batch = make_batch(cfg, studies[:B], g, dev)
     result["train"] = bench_train(model, cfg, train_batch, dev, iters, warmup)
     if not skip_generate and "lm" in model.weights:
@@ -298,34 +322,46 @@ def run_one(preset: str = "tiny", graph: str = "default", device: str = "auto", 
 
 
 def expected_query_memory(res_small: dict, res_large: dict) -> dict:
-    """Memory per sample that the extra query tokens alone should add (an activation estimate).
+    """Memory per sample that the extra graph nodes should add if nothing but their own tokens grows.
 
-    A pre-norm block keeps (8 + 2 * mlp_ratio) * D values per token for backward (LN inputs/outputs, qkv,
-    attention output, MLP hidden before/after GELU) plus one attention row of ``heads x sequence`` for a
-    prefix token (the masked SDPA call); the queries run through two ViT passes (unmasked, masked).
-    The region decoder reads one [parent, children...] sequence per inner node: its tokens grow with
-    the graph too and are counted the same way."""
-    from utils.config import load_config
-    cfg = load_config(str(ROOT / PRESETS.get(res_small["preset"], res_small["preset"])), [])
-    v, r = cfg.model.vit, cfg.model.region
+    - ViT: a pre-norm block keeps about (8 + 2 * mlp_ratio) * D values per token for backward (LN inputs
+      and outputs, qkv, attention output, MLP hidden before and after GELU); every query token runs
+      through each ViT pass (two when MAE / contrastive / region reconstruction are on).
+    - Region decoder: one [parent, children...] sequence per inner node, counted the same way.
+    - Report decoder: its visual prefix holds every leaf token (a GPT-2 block keeps ~16 * n_embd values
+      per token) and, on CPU (math attention), [heads, T, T] attention probabilities over the longer sequence.
+    - ACA: the [N, K, K] anatomy-similarity logits per image (fp32, ~2 copies kept for backward), N = batch.
+    A per-node loop that re-ran the encoder or decoder for every node would add whole sequences per
+    node instead, orders of magnitude more."""
+    from models.anatomy_graph import graph_from_name
+    a = res_small["arch"]
     bytes_el = 4 if res_small["train"]["precision"] == "fp32" else 2
-    seq_full = (cfg.data.image_size // v.patch_size) ** 2
-    per_tok_vit = v.depth * ((8 + 2 * v.mlp_ratio) * v.embed_dim + v.num_heads * (seq_full + res_large["query_tokens"]))
+    per_tok = (8 + 2 * a["mlp_ratio"])
     dq = res_large["query_tokens"] - res_small["query_tokens"]
-    masked_len = int(seq_full * (1 - cfg.model.mae.mask_ratio))
-    vit_elems = dq * per_tok_vit * 2 * (seq_full + masked_len) / (2 * seq_full)  # masked pass: shorter rows
-    region_elems = 0.0
-    if res_large["losses"].get("region"):
-        from models.anatomy_graph import graph_from_name
-        tokens = []
+    w = res_large["losses"]
+    passes = 2 if {"mae", "con", "region"} & set(w) else 1
+    vit = dq * a["depth"] * per_tok * a["embed_dim"] * passes * bytes_el
+    region = 0.0
+    if "region" in w:
+        toks = []
         for name in (res_small["graph"], res_large["graph"]):
-            g = graph_from_name(name)
-            idx, mask = g.child_table
-            tokens.append(idx.shape[0] * (idx.shape[1] + 1))
-        per_tok_reg = r.decoder_depth * ((8 + 2 * v.mlp_ratio) * r.decoder_dim)
-        region_elems = (tokens[1] - tokens[0]) * per_tok_reg * 2  # prediction with grad + target in no_grad (transient)
+            idx, _ = graph_from_name(name).child_table
+            toks.append(idx.shape[0] * (idx.shape[1] + 1))
+        region = (toks[1] - toks[0]) * a["region_depth"] * per_tok * a["region_dim"] * bytes_el
+    lm = 0.0
+    if "lm" in w:  # the decoder's visual prefix carries every leaf token (plus CLS and patches)
+        dk = res_large["graph_leaves"] - res_small["graph_leaves"]
+        lm = dk * a["lm_layers"] * (8 + 2 * 4) * a["lm_dim"] * bytes_el
+        if res_small["device"].startswith("cpu"):  # math attention: [heads, T, T] probabilities + dropout mask
+            t0 = a["lm_seq_tokens"]
+            lm += a["lm_layers"] * a["lm_heads"] * ((t0 + dk) ** 2 - t0 ** 2) * (bytes_el + 1)
+    aca = 0.0
+    if "aca" in w:
+        k0, k1 = res_small["graph_leaves"], res_large["graph_leaves"]
+        aca = res_small["train"]["batch_size"] * (k1 ** 2 - k0 ** 2) * 2 * 4
     return {"extra_query_tokens": dq, "bytes_per_element": bytes_el,
-            "expected_increase_per_sample_bytes": (vit_elems + region_elems) * bytes_el}
+            "expected_vit_bytes": vit, "expected_region_bytes": region, "expected_lm_bytes": lm,
+            "expected_aca_bytes": aca, "expected_increase_per_sample_bytes": vit + region + lm + aca}
 
 
 # ---- driver -------------------------------------------------------------------------------------------
@@ -334,7 +370,10 @@ def _subprocess(spec: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "r.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--_one", json.dumps(spec), "--out", str(out)]
-        subprocess.run(cmd, check=True, cwd=str(ROOT))
+        # Large blocks straight from mmap and back to the OS when freed: RSS then follows the live
+        # tensors, so that peak RSS - RSS before the step measures the step (glibc keeps freed heap otherwise).
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=os.environ.get("MALLOC_MMAP_THRESHOLD_", "131072"))
+        subprocess.run(cmd, check=True, cwd=str(ROOT), env=env)
         return json.loads(out.read_text())
 
 

@@ -42,7 +42,6 @@ def main(args):
     model_ddp = run.wrap_ddp(model, cfg, info)
     train_loader, val_loader = run.train_loader(train_set, cfg, info), run.eval_loader(val_set, cfg, info)
 
-
     def validate(epoch, step):
         metrics = {f"val/{k}": v for k, v in evaluate_loss(model_ddp, val_loader, device, cfg.train.amp).items()}
         tb.add_scalars(metrics, step)

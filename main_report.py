@@ -59,7 +59,6 @@ def finetune(cfg):
     model_ddp = run.wrap_ddp(model, cfg, info)
     train_loader, val_loader = run.train_loader(train_set, cfg, info), run.eval_loader(val_set, cfg, info)
 
-
     def validate(epoch, step):
         val = generate_and_score(model_ddp, val_loader, device, cfg, run_dir / "val" / f"epoch_{epoch:04d}",
                                  tb=tb, epoch=epoch, prefix="val", step=step)

@@ -241,17 +241,35 @@ def build_dataset(cfg, split: str, train: bool, graph=None) -> CXRDataset:
 
 
 def _anatomy_mask(rec: dict, report: str, graph, strict: bool = True) -> torch.Tensor:
-    """Leaf mask of the record's anatomies, else of those the report mentions, else all leaves.
+    """Leaf mask of the leaves where the report places its findings: the record's "anatomies" when it
+    has the field ([] = a normal study: no leaf), else ``finding_anatomies`` of the report.
     Not ``strict`` (a graph other than the default): names the graph lacks are ignored."""
     names = rec.get("anatomies")
-    if names and not strict:
+    if names is None:
+        names = finding_anatomies(report, graph)
+    elif not strict:
         names = [n for n in names if n in graph.index]
-    elif names:
+    else:
         unknown = [n for n in names if n not in graph.index]
         if unknown:
             raise KeyError(f"unknown anatomy {unknown[0]!r}")
-    else:
-        names = derive_anatomies(report, graph)
-    if not names:
-        return torch.ones(graph.num_leaves, dtype=torch.bool)
-    return graph.leaf_mask(names)
+    return graph.leaf_mask(names) if names else torch.zeros(graph.num_leaves, dtype=torch.bool)
+
+
+_LABELER = None
+
+
+def finding_anatomies(report: str, graph) -> list[str]:
+    """Graph nodes named in the report's sentences that state a finding (the rule labeler reads a positive
+    or uncertain observation other than No Finding in them): "small right pleural effusion" gives the right
+    costophrenic angle, "the lungs are clear" gives nothing."""
+    global _LABELER
+    from utils.metrics.clinical import RuleLabeler
+    from utils.metrics.observations import OBSERVATION_INDEX
+    _LABELER = _LABELER or RuleLabeler()
+    found: list[str] = []
+    for sentence in clean_report(report).split(" . "):
+        labels = np.delete(_LABELER.label_one(sentence), OBSERVATION_INDEX["No Finding"])
+        if np.any((labels == 1) | (labels == -1)):
+            found += [n for n in derive_anatomies(sentence, graph) if n not in found]
+    return found

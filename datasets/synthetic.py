@@ -30,7 +30,7 @@ bilateral finding (edema) has one ``findings`` entry per side. The heart shadow 
 between the graph's two cardiac-silhouette leaves: the cavoatrial junction is a disc where
 the SVC meets the heart's upper right border, the right atrium leaf is the rest of it.
 ``anatomies`` lists the leaves of the study's findings (both cardiac leaves for
-cardiomegaly); a study without findings gets the roots ["lungs", "mediastinum"].
+cardiomegaly); a study without findings gets [] (no finding leaf).
 ``labels``: 1 for each finding's observation, 0 for an observation a normal sentence
 negates, null otherwise; "No Finding" 1 when nothing but a support device is present.
 
@@ -62,7 +62,6 @@ from utils.metrics.observations import CHEXPERT_OBSERVATIONS, OBSERVATION_INDEX
 GRAPH = AnatomyGraph.default()
 SIDES = ("right", "left")
 ZONES = ("upper", "mid", "lower")
-NORMAL_ANATOMIES = ["lungs", "mediastinum"]
 
 # type -> (observation, candidate leaves, sampling weight)
 FINDINGS: dict[str, tuple[str, tuple[str, ...], float]] = {
@@ -537,7 +536,7 @@ def render_study(index: int, size: int = 224, seed: int = 0, normal_frac: float 
 
     report, labels = make_report(events, rng)
     anat = {lf for t, lf, _ in found} | {a for ev in events for a in EXTRA_ANATOMIES.get(ev["type"], ())}
-    anatomies = [n for n in GRAPH.leaf_names if n in anat] or list(NORMAL_ANATOMIES)
+    anatomies = [n for n in GRAPH.leaf_names if n in anat]
     findings = [{"type": t, "observation": FINDINGS[t][0], "anatomy": lf, "mask": m} for t, lf, m in found]
     return {"image": image, "regions": {n: R[n] for n in GRAPH.leaf_names}, "findings": findings,
             "report": report, "labels": labels, "anatomies": anatomies}

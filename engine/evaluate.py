@@ -19,6 +19,7 @@ from PIL import Image
 from engine.train import autocast, resolve_amp, to_device
 from utils.checkpoint import unwrap
 from utils.dist import gather_objects, get_world_size, is_main_process
+from utils.metrics.grounding import cnr, pointing_game
 
 
 @torch.no_grad()
@@ -57,23 +58,16 @@ def _read_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
         return np.asarray(im) > 127
 
 
-def _cnr(heatmap: np.ndarray, mask: np.ndarray) -> float:
-    """Contrast-to-noise ratio of the heatmap inside vs outside the mask: |mu_in - mu_out| / sqrt(var_in + var_out)."""
-    inside, outside = heatmap[mask], heatmap[~mask]
-    if inside.size == 0 or outside.size == 0:
-        return float("nan")
-    denom = math.sqrt(inside.var() + outside.var())
-    return float(abs(inside.mean() - outside.mean()) / denom) if denom > 0 else 0.0
-
-
 def synthetic_grounding(heatmaps: torch.Tensor, records: list[dict], root: str | Path,
                         leaf_names: list[str]) -> list[dict]:
     """Per-study grounding against the synthetic masks (records carry "regions" and "findings").
 
     heatmaps: [B, num_leaves, H, W] in [0, 1] (model.heatmaps), aligned with ``records``; ``root`` is the
     folder that mask paths are relative to (the annotation.json folder). Masks are resized to the heatmap.
-    Returns per study {"pointing": [hit per drawn leaf], "cnr": [CNR per finding under its leaf's heatmap]}.
-    Pointing game: the peak of a leaf query's heatmap lies inside that leaf's region mask.
+    Returns per study {"pointing": [hit per drawn leaf], "pointing_findings": [hit per finding's leaf],
+    "cnr": [signed CNR of each finding's mask under its leaf's heatmap]}. Pointing game: the peak of a leaf
+    query's heatmap lies inside that leaf's region mask. The CNR is signed (utils.metrics.grounding.cnr):
+    a map that avoids the finding scores below 0, where BioViL's absolute CNR would reward it.
     """
     root = Path(root)
     index = {n: i for i, n in enumerate(leaf_names)}
@@ -81,32 +75,28 @@ def synthetic_grounding(heatmaps: torch.Tensor, records: list[dict], root: str |
     out = []
     for hm, rec in zip(maps, records):
         size = hm.shape[-2:]
-        hits, cnrs = [], []
+        hits = {}
         for leaf, rel in (rec.get("regions") or {}).items():
-            if leaf not in index:
-                continue
-            mask = _read_mask(root / rel, size)
-            if mask.any():
-                peak = np.unravel_index(np.argmax(hm[index[leaf]]), size)
-                hits.append(float(mask[peak]))
-        for finding in rec.get("findings") or []:
-            if finding.get("anatomy") in index and finding.get("mask"):
-                value = _cnr(hm[index[finding["anatomy"]]], _read_mask(root / finding["mask"], size))
-                if math.isfinite(value):
-                    cnrs.append(value)
-        out.append({"pointing": hits, "cnr": cnrs})
+            mask = _read_mask(root / rel, size) if leaf in index else None
+            if mask is not None and mask.any():
+                hits[leaf] = pointing_game(hm[index[leaf]], mask)
+        found = [f for f in rec.get("findings") or [] if f.get("anatomy") in index and f.get("mask")]
+        cnrs = [cnr(hm[index[f["anatomy"]]], _read_mask(root / f["mask"], size), signed=True) for f in found]
+        out.append({"pointing": list(hits.values()),
+                    "pointing_findings": [hits[f["anatomy"]] for f in found if f["anatomy"] in hits],
+                    "cnr": [c for c in cnrs if math.isfinite(c)]})
     return out
 
 
 def summarize_grounding(rows: list[dict]) -> dict[str, float]:
-    """Pointing game averaged over drawn leaves of every study; mean CNR over every finding."""
-    hits = [h for r in rows for h in r["pointing"]]
-    cnrs = [c for r in rows for c in r["cnr"]]
+    """Pointing game averaged over the drawn leaves of every study, and over the leaves of the findings;
+    mean signed CNR over every finding."""
     out = {}
-    if hits:
-        out["pointing_game"] = float(np.mean(hits))
-    if cnrs:
-        out["cnr"] = float(np.mean(cnrs))
+    for key, name in (("pointing", "pointing_game"), ("pointing_findings", "pointing_game_findings"),
+                      ("cnr", "cnr")):
+        values = [v for r in rows for v in r.get(key, [])]
+        if values:
+            out[name] = float(np.mean(values))
     return out
 
 

@@ -1,9 +1,13 @@
 """Entity and anatomy prediction from the image tokens (what the report decoder is told at test time).
 
+Each leaf's evidence is the patch tokens pooled by that leaf's own last-layer attention (the very map
+shown as its heatmap). A leaf's anatomy logit reads only its own evidence, through a layer shared by
+all leaves plus a per-leaf bias: "is there a finding in what I look at". A shared scorer cannot
+tell leaves apart, so the only way to fit the targets is for each leaf query to attend to its own
+region (multiple-instance learning; this is what makes the heatmaps point without boxes).
 Observations (14 CheXpert, order of utils/metrics/observations.py) are read from
-[CLS, mean patch, mean leaf token]; each anatomy leaf's logit comes from THAT leaf's own query
-token through a shared layer plus a per-leaf bias, so the loss teaches every leaf query to look
-at its own region. Targets: the batch's "labels" [B,14] and "anatomies" [B,25] (labeler output).
+[CLS, mean patch, max over leaves of the leaf evidence]. Targets: the batch's "labels" [B,14] and
+"anatomies" [B,25] (the leaves of the report's findings).
 """
 from __future__ import annotations
 
@@ -49,12 +53,16 @@ class EntityHead(nn.Module):
         self.obs_head = _head(3 * dim, num_observations, hidden_dim)
         self.anat_head = _head(dim, 1, hidden_dim)            # shared over leaves
         self.anat_bias = nn.Parameter(torch.zeros(num_leaves))  # per-leaf prior
+        self.norm = nn.LayerNorm(dim)
 
-    def forward(self, cls: torch.Tensor, leaf_tokens: torch.Tensor, patches: torch.Tensor):
-        """``cls [B,D]``, ``leaf_tokens [B,25,D]``, ``patches [B,L,D]`` -> (obs_logits [B,14], anat_logits [B,25])."""
-        pooled = torch.cat([cls, patches.mean(1), leaf_tokens.mean(1)], -1)
+    def forward(self, cls: torch.Tensor, patches: torch.Tensor, local: torch.Tensor, leaf_attn: torch.Tensor):
+        """``cls [B,D]``, ``patches [B,L,D]`` (encoder output), ``local [B,L,D]`` (the patch embeddings before
+        any attention), ``leaf_attn [B,25,L]`` (each leaf's last-layer attention over the patches, heads
+        averaged) -> (obs_logits [B,14], anat_logits [B,25])."""
+        evidence = self.norm(leaf_attn.to(local.dtype) @ local)          # [B,25,D]
+        pooled = torch.cat([cls, patches.mean(1), evidence.amax(1)], -1)
         obs_logits = self.obs_head(pooled)
-        anat_logits = self.anat_head(leaf_tokens).squeeze(-1) + self.anat_bias
+        anat_logits = self.anat_head(evidence).squeeze(-1) + self.anat_bias
         return obs_logits, anat_logits
 
     @staticmethod
@@ -73,10 +81,13 @@ class EntityHead(nn.Module):
     def predict(obs_logits: torch.Tensor, anat_logits: torch.Tensor, threshold: float = 0.5):
         """-> (predicted observation names per row, bool anatomy leaf mask ``[B,25]``).
 
-        A row with no leaf above the threshold gets ALL leaves on: that is what the data gives a study
-        whose report names no anatomy, so the decoder sees its training distribution (never an empty set).
+        A row with no leaf above the threshold gets ALL leaves on (``leaves_shown``).
         """
         entities = observation_names(obs_logits.sigmoid(), threshold)
-        anat = anat_logits.sigmoid() > threshold
-        anat = anat | ~anat.any(-1, keepdim=True)
-        return entities, anat
+        return entities, EntityHead.leaves_shown(anat_logits.sigmoid() > threshold)
+
+    @staticmethod
+    def leaves_shown(anat: torch.Tensor) -> torch.Tensor:
+        """The leaf tokens the decoder sees: the finding leaves, or every leaf for a row with none
+        (a normal study), in training (reference leaves) and at test time (predicted) alike."""
+        return anat | ~anat.any(-1, keepdim=True)

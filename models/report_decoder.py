@@ -273,14 +273,14 @@ def build_report_decoder(cfg_decoder, tokenizer, visual_dim: int) -> ReportDecod
 
 @torch.no_grad()
 def generate_from_image(decoder: ReportDecoder, entity_head, cls: torch.Tensor, leaf_tokens: torch.Tensor,
-                        patches: torch.Tensor, leaf_names, threshold: float = 0.5, **gen_kwargs) -> list[dict]:
+                        patches: torch.Tensor, local: torch.Tensor, leaf_attn: torch.Tensor, leaf_names, threshold: float = 0.5, **gen_kwargs) -> list[dict]:
     """Reports from image tokens alone (the test-time path of SSACL.generate).
 
     The entity head predicts the observations (-> prompt) and the anatomy leaves (-> which leaf tokens
     the decoder sees); nothing here can read a reference report, label or anatomy set.
     Returns ``[{"report", "entities", "anatomies"}]`` per row.
     """
-    obs_logits, anat_logits = entity_head(cls, leaf_tokens, patches)
+    obs_logits, anat_logits = entity_head(cls, patches, local, leaf_attn)
     entities, anat_mask = entity_head.predict(obs_logits, anat_logits, threshold)
     visual = torch.cat([leaf_tokens, cls[:, None], patches], 1)
     rest = anat_mask.new_ones(anat_mask.shape[0], 1 + patches.shape[1])

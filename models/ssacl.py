@@ -3,8 +3,8 @@ report generator. ``forward(batch)`` returns the named losses and their weighted
 
 Per step (only what the enabled losses need is run):
   text encoder on the 25 leaf names -> linear -> leaf queries; node queries = averaging matrix @ leaves
-  unmasked ViT pass (with gradient): leaf / CLS / patch tokens -> ACA, entity head, LM prefix,
-      and (detached) the region-reconstruction target
+  unmasked ViT pass (with gradient): leaf / CLS / patch tokens -> ACA, LM prefix, and (detached) the
+      region-reconstruction target; leaf attention maps + stem tokens + CLS + patches -> entity head
   masked ViT pass (mask_ratio): MAE, contrastive and region-reconstruction predictions
   text encoder on the reports: pooled vectors for the contrastive loss and (detached) the ACA target
 A loss whose weight is 0 is neither built nor computed (DDP then sees no unused parameter).
@@ -36,6 +36,9 @@ class SSACL(nn.Module):
         self.vit, self.text_encoder, self.graph = vit, text_encoder, graph
         self.mask_ratio, self.threshold = mask_ratio, threshold
         self.query_proj = nn.Linear(text_encoder.hidden_size, vit.embed_dim)
+        # learned per-leaf query embedding (init 0): leaf names that read alike ("left/right lower lung
+        # zone") would otherwise give near-identical queries that attend alike
+        self.leaf_query_embed = nn.Parameter(torch.zeros(graph.num_leaves, vit.embed_dim))
         self.mae_decoder, self.contrastive, self.region_decoder = mae_decoder, contrastive, region_decoder
         self.aca, self.entity_head, self.report_decoder = aca, entity_head, report_decoder
         self.weights = {k: float(w) for k, w in weights.items() if w}  # the enabled terms
@@ -56,7 +59,8 @@ class SSACL(nn.Module):
     def from_config(cls, cfg, text_tokenizer, decoder_tokenizer, graph: AnatomyGraph | None = None) -> "SSACL":
         graph = graph or graph_from_name(cfg.model.graph)
         m, w, v, al = cfg.model, cfg.loss, cfg.model.vit, cfg.model.align
-        vit = VisionTransformer(cfg.data.image_size, v.patch_size, v.embed_dim, v.depth, v.num_heads, v.mlp_ratio)
+        vit = VisionTransformer(cfg.data.image_size, v.patch_size, v.embed_dim, v.depth, v.num_heads, v.mlp_ratio,
+                                stem=v.stem)
         init = cfg.train.get("init") or v.init
         if init:
             print(f"ViT init from {init}: {vit.load_mae_checkpoint(init)}")
@@ -79,19 +83,21 @@ class SSACL(nn.Module):
 
     # ------------------------------------------------------------------ queries
     def leaf_queries(self) -> torch.Tensor:
-        """[K, D]: the text encoder's pooled embedding of each leaf name, projected to the ViT width."""
+        """[K, D]: the text encoder's pooled embedding of each leaf name, projected to the ViT width,
+        plus the leaf's learned query embedding."""
         _, pooled = self.text_encoder.encode(self.leaf_ids, self.leaf_attn)
-        return self.query_proj(pooled)
+        return self.query_proj(pooled) + self.leaf_query_embed
 
     def node_queries(self, leaf_queries: torch.Tensor) -> torch.Tensor:
         """[num_nodes, D]: every inner node the mean of its children, as one matmul."""
         return self.averaging.to(leaf_queries.dtype) @ leaf_queries
 
     def _anatomies(self, batch, B: int, device) -> torch.Tensor:
+        """[B, K] bool: the leaves of each report's findings (all False for a normal study)."""
         anat = batch.get("anatomies")
         K = self.graph.num_leaves
         if anat is None or anat.shape[-1] != K:
-            return torch.ones(B, K, dtype=torch.bool, device=device)
+            return torch.zeros(B, K, dtype=torch.bool, device=device)
         return anat.to(device).bool()
 
     # ------------------------------------------------------------------ training
@@ -107,8 +113,10 @@ class SSACL(nn.Module):
         losses: dict[str, torch.Tensor] = {}
 
         if on.keys() & {"region", "aca", "entity", "lm"}:
-            u = self.vit(images, queries)
+            u = self.vit(images, queries, return_attn="entity" in on)
             leaf_u = u["queries"][:, self.leaf_node_index] if all_nodes else u["queries"]
+            if "entity" in on:
+                leaf_attn = u["attn"][:, self.leaf_node_index] if all_nodes else u["attn"]
         if on.keys() & {"mae", "con", "region"}:
             mk = self.vit(images, queries, mask_ratio=self.mask_ratio)
         if on.keys() & {"con", "aca"}:
@@ -124,11 +132,11 @@ class SSACL(nn.Module):
         if "aca" in on:
             losses["aca"] = self.aca(leaf_u, text.detach())
         if "entity" in on:
-            obs, anat = self.entity_head(u["cls"], leaf_u, u["patches"])
+            obs, anat = self.entity_head(u["cls"], u["patches"], u["local"], leaf_attn)
             losses["entity"] = self.entity_head.loss(obs, anat, batch["labels"], self._anatomies(batch, B, images.device))
         if "lm" in on:
             visual = torch.cat([leaf_u, u["cls"][:, None], u["patches"]], dim=1)
-            vmask = torch.cat([self._anatomies(batch, B, images.device),
+            vmask = torch.cat([EntityHead.leaves_shown(self._anatomies(batch, B, images.device)),
                                torch.ones(B, 1 + u["patches"].shape[1], dtype=torch.bool, device=images.device)], 1)
             losses["lm"] = self.report_decoder(visual, vmask, prompts, batch["report"])
         losses["loss"] = sum(w * losses[k].float() for k, w in on.items()) if on else images.new_zeros(())
@@ -144,12 +152,12 @@ class SSACL(nn.Module):
         if self.report_decoder is None:
             raise ValueError("generate needs the report decoder (loss.lm > 0)")
         images = batch["image"]
-        out = self.vit(images, self.leaf_queries())
+        out = self.vit(images, self.leaf_queries(), return_attn=self.entity_head is not None)
         kw = dict(beam_size=beam_size, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                   repetition_penalty=repetition_penalty, length_penalty=length_penalty)
         if self.entity_head is not None:
             rows = generate_from_image(self.report_decoder, self.entity_head, out["cls"], out["queries"],
-                                       out["patches"], self.graph.leaf_names, self.threshold, **kw)
+                                       out["patches"], out["local"], out["attn"], self.graph.leaf_names, self.threshold, **kw)
         else:
             B = images.shape[0]
             visual = torch.cat([out["queries"], out["cls"][:, None], out["patches"]], dim=1)
@@ -168,6 +176,6 @@ class SSACL(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Token / scale parameters kept out of weight decay (lr_sched.param_groups also finds them by name)."""
-        names = {"vit.cls_token", "mae_decoder.mask_token", "contrastive.logit_scale", "entity_head.anat_bias"}
+        names = {"vit.cls_token", "mae_decoder.mask_token", "contrastive.logit_scale", "entity_head.anat_bias", "leaf_query_embed"}
         own = dict(self.named_parameters())
         return {n for n in names if n in own}

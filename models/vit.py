@@ -118,6 +118,34 @@ class PatchEmbed(nn.Module):
         return self.proj(x).flatten(2).transpose(1, 2)
 
 
+class ConvStem(nn.Module):
+    """A small CNN applied to every patch on its own (as hybrid ViTs' convolutional stems, Xiao et al. 2021,
+    but confined to the patch): log2(patch) stages of 3x3 conv, GELU and 2x2 max-pooling, widths doubling
+    up to the embedding, then a linear projection. One token per patch, as PatchEmbed, with the locality
+    bias a ViT trained from scratch on little data lacks; a token sees exactly its own patch, no pixel of
+    its neighbours, so what a leaf's attention picks from these tokens lies where the attention points."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        steps = patch_size.bit_length() - 1
+        if patch_size != 2 ** steps or steps < 1:
+            raise ValueError(f"the conv stem needs a power-of-two patch size, got {patch_size}")
+        self.patch_size, self.in_chans = patch_size, in_chans
+        layers, c = [], in_chans
+        for i in range(steps):
+            w = max(embed_dim // 2 ** (steps - 1 - i), 16)
+            layers += [nn.Conv2d(c, w, 3, padding=1), nn.GELU(), nn.MaxPool2d(2)]
+            c = w
+        self.convs = nn.Sequential(*layers)
+        self.proj = nn.Linear(c, embed_dim)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        p = self.patch_size
+        patches = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(-1, C, p, p)
+        return self.proj(self.convs(patches).flatten(1)).reshape(B, (H // p) * (W // p), -1)
+
+
 def init_weights(module: nn.Module) -> None:
     """MAE initialisation: xavier-uniform linears (and the patch conv as a linear), zero biases."""
     for m in module.modules():
@@ -135,13 +163,15 @@ def init_weights(module: nn.Module) -> None:
 
 class VisionTransformer(nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
-                 num_heads: int = 12, mlp_ratio: float = 4.0, in_chans: int = 3):
+                 num_heads: int = 12, mlp_ratio: float = 4.0, in_chans: int = 3, stem: str = "patch"):
         super().__init__()
+        if stem not in ("patch", "conv"):
+            raise ValueError(f"model.vit.stem must be 'patch' or 'conv', got {stem!r}")
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} not divisible by patch_size {patch_size}")
         self.img_size, self.patch_size, self.embed_dim = img_size, patch_size, embed_dim
         g = img_size // patch_size
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.patch_embed = (PatchEmbed if stem == "patch" else ConvStem)(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.register_buffer("pos_embed", sincos_2d(embed_dim, g, g)[None], persistent=False)
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
@@ -163,10 +193,11 @@ class VisionTransformer(nn.Module):
         """images [B, C, H, W]; queries [Q, D] or [B, Q, D] or None. ``noise`` [B, L] optionally
         fixes the masking. Returns queries [B, Q, D], cls [B, D], patches [B, L_visible, D]
         (kept in shuffled order when masked, original order when not), mask [B, L] (1 = masked),
-        ids_restore [B, L], and with ``return_attn`` attn [B, Q, L_visible]: last-layer
+        ids_restore [B, L], local [B, L, D] (every patch's stem embedding, before positions and
+        attention), and with ``return_attn`` attn [B, Q, L_visible]: last-layer
         query -> patch attention probabilities averaged over heads."""
-        x = self.patch_embed(images)
-        x = x + self.pos_embed.to(x.dtype)
+        local = self.patch_embed(images)
+        x = local + self.pos_embed.to(local.dtype)
         B, L, D = x.shape
         if mask_ratio > 0:
             ids_keep, mask, ids_restore = random_masking(B, L, mask_ratio, x.device, noise)
@@ -188,7 +219,8 @@ class VisionTransformer(nn.Module):
         for i, blk in enumerate(self.blocks):
             x, attn = blk(x, num_prefix=P, prefix_mask=pmask, return_attn=return_attn and i == len(self.blocks) - 1)
         x = self.norm(x)
-        out = {"queries": x[:, :Q], "cls": x[:, Q], "patches": x[:, P:], "mask": mask, "ids_restore": ids_restore}
+        out = {"queries": x[:, :Q], "cls": x[:, Q], "patches": x[:, P:], "mask": mask, "ids_restore": ids_restore,
+               "local": local}
         if return_attn:
             out["attn"] = attn[:, :, :Q, P:].mean(1)
         return out

@@ -472,8 +472,10 @@ def main(argv=None):
     for s in scaling:
         a, b = s["memory_per_sample_bytes"]
         print(f"[memory vs graph] {s['preset']}: {s['query_tokens'][0]} -> {s['query_tokens'][1]} query tokens: "
-              f"{_fmt_bytes(a)} -> {_fmt_bytes(b)} per sample (measured +{_fmt_bytes(s['measured_increase_per_sample_bytes'])}, "
-              f"the extra query tokens' own activations alone: ~+{_fmt_bytes(s['expected_increase_per_sample_bytes'])})")
+              f"{_fmt_bytes(a)} -> {_fmt_bytes(b)} per sample, measured +{_fmt_bytes(s['measured_increase_per_sample_bytes'])}; "
+              f"expected from the extra tokens alone ~+{_fmt_bytes(s['expected_increase_per_sample_bytes'])} "
+              f"(ViT {_fmt_bytes(s['expected_vit_bytes'])}, region decoder {_fmt_bytes(s['expected_region_bytes'])}, "
+              f"LM prefix {_fmt_bytes(s['expected_lm_bytes'])}, ACA KxK {_fmt_bytes(s['expected_aca_bytes'])})")
     report = {"date": datetime.date.today().isoformat(), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
               "results": results, "graph_scaling": scaling}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

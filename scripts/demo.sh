@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DATA=${DATA:-data/synthetic}
-N=${N:-3000}
+N=${N:-12000}
 SIZE=${SIZE:-64}
 OUT=${OUT:-output}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
@@ -29,12 +29,12 @@ timed() {  # timed NAME command...: runs the command, records its seconds
 stage "1/6 environment (.venv from requirements.txt; a few minutes the first time)"
 timed setup bash scripts/setup_env.sh
 
-stage "2/6 synthetic chest X-rays: $N studies at ${SIZE}px in $DATA"
+stage "2/6 synthetic chest X-rays: $N studies at ${SIZE}px in $DATA (2.5% val, 2.5% test)"
 if [ -f "$DATA/annotation.json" ]; then
   echo "[demo] $DATA/annotation.json exists: skipping generation (delete it to regenerate)"
   TIMES[data]=0
 else
-  timed data "$PY" -m datasets.synthetic --out "$DATA" --n "$N" --size "$SIZE"
+  timed data "$PY" -m datasets.synthetic --out "$DATA" --n "$N" --size "$SIZE" --val-frac 0.025 --test-frac 0.025
 fi
 
 stage "3/6 pretraining with every SS-ACL loss (configs/demo.yaml)"

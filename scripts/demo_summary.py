@@ -9,7 +9,8 @@ generator's masks). The baseline writes the most common training report for ever
 scored by the same ``engine.evaluate.score_reports``. Grounding has no baseline model; beside it stands
 the pointing-game accuracy of a peak placed at random (the mean area fraction of the leaf masks).
 Targets (issue "It learns, and it is fast"): clinical-efficacy micro-F1 (14 observations) >= 0.70 and
-clearly above the baseline, BLEU-4 >= 0.30, pointing game >= 0.60, mean finding CNR > 0.
+clearly above the baseline, BLEU-4 >= 0.30, pointing game >= 0.60 (over every leaf the generator draws;
+the pointing game over the leaves of the findings is shown too), mean signed finding CNR > 0.
 """
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ if str(ROOT) not in sys.path:
 TARGETS = [("ce_micro_f1_14", "clinical micro-F1 (14 obs)", 0.70, "min"),
            ("BLEU_4", "BLEU-4", 0.30, "min"),
            ("pointing_game", "pointing game (leaves)", 0.60, "min"),
-           ("cnr", "finding CNR under its leaf map", 0.0, "pos")]
-SHOWN = ["BLEU_1", "METEOR", "ROUGE_L", "CIDEr", "ce_micro_f1_5", "ce_macro_f1_14", "ce_example_f1_14"]
+           ("cnr", "finding CNR (signed) under its leaf map", 0.0, "pos")]
+SHOWN = ["pointing_game_findings", "BLEU_1", "METEOR", "ROUGE_L", "CIDEr", "ce_micro_f1_5", "ce_macro_f1_14", "ce_example_f1_14"]
 BASELINE_MARGIN = 0.15  # "clearly worse": baseline clinical micro-F1 at least this far below the model's
 
 

@@ -49,6 +49,14 @@ GOOD = [rec("s1", ["gray.png", "deep.png"], labels=LABELS, anatomies=["cardiac s
         rec("s4", ["side.png"], report="Unremarkable study.", labels=LABELS)]
 
 
+def test_finding_anatomies_only_from_sentences_that_state_a_finding():
+    from datasets.cxr import finding_anatomies
+    report = ("Small effusion at the right costophrenic angle. The heart size is normal. The left lung is clear. "
+              "Possible left lower lobe atelectasis.")
+    assert finding_anatomies(report, GRAPH) == ["right costophrenic angle", "left lower lung zone"]
+    assert finding_anatomies("The lungs are clear. No pneumothorax.", GRAPH) == []
+
+
 def test_load_image_modes(tmp_path):
     write_images(tmp_path)
     assert torch.allclose(load_image(tmp_path / "gray.png"), torch.full((1, 40, 30), 100 / 255))
@@ -73,7 +81,8 @@ def test_dataset_items_and_first_frontal_vs_all(tmp_path):
     assert item["labels"].tolist() == [1, 0, 0, 0] + [0] * 9 + [0]                    # uncertain -> negative
     assert torch.equal(item["anatomies"], GRAPH.leaf_mask(["cardiac silhouette"]))
     assert torch.equal(ds[2]["anatomies"], GRAPH.leaf_mask(["right lower lung zone"]))  # derived from text
-    assert ds[3]["anatomies"].all()                                                     # nothing mentioned
+    assert not ds[1]["anatomies"].any()                        # the heart is named, but no finding is stated
+    assert not ds[3]["anatomies"].any()                                                 # nothing mentioned
     cfg, _ = make_data(tmp_path, GOOD, **{"data.views": "all", "data.uncertain_as": "positive"})
     ds = build_dataset(cfg, "train", train=False)
     assert [s.id for s in ds.samples] == ["s1_0", "s1_1", "s2", "s3", "s4"]

@@ -187,3 +187,22 @@ def test_bad_sizes():
         VisionTransformer(30, 8, D, 1, 2)
     with pytest.raises(ValueError):
         VisionTransformer(32, 8, 36, 1, 8)  # 36 not divisible by 8 heads
+
+
+def test_conv_stem_tokens_are_local_and_feed_the_same_encoder():
+    torch.manual_seed(0)
+    vit = VisionTransformer(IMG, P, D, 1, num_heads=2, mlp_ratio=2.0, stem="conv").eval()
+    x = images().requires_grad_(True)
+    out = vit(x, torch.randn(3, D), return_attn=True)
+    assert out["patches"].shape == (B, 16, D) and out["local"].shape == (B, 16, D)
+    assert out["attn"].shape == (B, 3, 16)
+    # a stem token sees exactly its own patch (row 1, column 2 of the 4x4 grid)
+    out["local"][0, 6].sum().backward()
+    seen = x.grad[0].abs().sum(0) > 0
+    assert seen[P:2 * P, 2 * P:3 * P].all() and seen.sum() == P * P
+    masked = vit(images(), mask_ratio=0.5)
+    assert masked["patches"].shape == (B, 8, D)
+    with pytest.raises(ValueError, match="power-of-two"):
+        VisionTransformer(36, 12, D, 1, 2, stem="conv")
+    with pytest.raises(ValueError, match="stem"):
+        VisionTransformer(IMG, P, D, 1, 2, stem="hybrid")

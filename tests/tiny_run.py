@@ -12,7 +12,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 
 TINY_MODEL = {
-    "vit": {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0},
+    "vit": {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0, "stem": "patch"},
     "text": {"vocab_size": 300, "hidden_size": 32, "num_layers": 1, "num_heads": 2, "intermediate_size": 64,
              "max_length": 64},
     "mae": {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2},

@@ -130,7 +130,7 @@ class ConvStem(nn.Module):
         steps = patch_size.bit_length() - 1
         if patch_size != 2 ** steps or steps < 1:
             raise ValueError(f"the conv stem needs a power-of-two patch size, got {patch_size}")
-        self.patch_size, self.in_chans = patch_size, in_chans
+        self.patch_size = patch_size
         layers, c = [], in_chans
         for i in range(steps):
             w = max(embed_dim // 2 ** (steps - 1 - i), 16)

@@ -24,6 +24,7 @@ from models.text_encoder import TextEncoder
 from models.vit import VisionTransformer
 
 LOSSES = ("mae", "con", "region", "aca", "entity", "lm")
+PRIOR_GAIN = 5.0    # leaf_spatial_prior is learned in units of 1/5 logit
 
 
 class SSACL(nn.Module):
@@ -31,7 +32,8 @@ class SSACL(nn.Module):
                  weights: dict[str, float], mask_ratio: float = 0.5, threshold: float = 0.5,
                  mae_decoder: MAEDecoder | None = None, contrastive: ImageReportContrastive | None = None,
                  region_decoder: RegionDecoder | None = None, aca: AnatomicalConsistency | None = None,
-                 entity_head: EntityHead | None = None, report_decoder: nn.Module | None = None):
+                 entity_head: EntityHead | None = None, report_decoder: nn.Module | None = None,
+                 spatial_prior: bool = False):
         super().__init__()
         self.vit, self.text_encoder, self.graph = vit, text_encoder, graph
         self.mask_ratio, self.threshold = mask_ratio, threshold
@@ -39,6 +41,9 @@ class SSACL(nn.Module):
         # learned per-leaf query embedding (init 0): leaf names that read alike ("left/right lower lung
         # zone") would otherwise give near-identical queries that attend alike
         self.leaf_query_embed = nn.Parameter(torch.zeros(graph.num_leaves, vit.embed_dim))
+        # optional learned spatial prior (init 0): per-leaf attention logits over the patch grid
+        self.leaf_spatial_prior = (nn.Parameter(torch.zeros(graph.num_leaves, vit.num_patches))
+                                   if spatial_prior else None)
         self.mae_decoder, self.contrastive, self.region_decoder = mae_decoder, contrastive, region_decoder
         self.aca, self.entity_head, self.report_decoder = aca, entity_head, report_decoder
         self.weights = {k: float(w) for k, w in weights.items() if w}  # the enabled terms
@@ -79,7 +84,8 @@ class SSACL(nn.Module):
             aca=AnatomicalConsistency(al.aca_identity_weight, al.aca_temperature,
                                       al.aca_text_temperature) if w.aca else None,
             entity_head=EntityHead(D, 14, K, m.entity.hidden_dim) if w.entity else None,
-            report_decoder=build_report_decoder(m.decoder, decoder_tokenizer, D) if w.lm else None)
+            report_decoder=build_report_decoder(m.decoder, decoder_tokenizer, D) if w.lm else None,
+            spatial_prior=m.spatial_prior)
 
     # ------------------------------------------------------------------ queries
     def leaf_queries(self) -> torch.Tensor:
@@ -91,6 +97,14 @@ class SSACL(nn.Module):
     def node_queries(self, leaf_queries: torch.Tensor) -> torch.Tensor:
         """[num_nodes, D]: every inner node the mean of its children, as one matmul."""
         return self.averaging.to(leaf_queries.dtype) @ leaf_queries
+
+    def query_bias(self, all_nodes: bool = False) -> torch.Tensor | None:
+        """The spatial prior as ViT ``query_bias``: [K, L] for the leaves, [num_nodes, L] (children
+        averaged) for every node; None when off. Scaled by PRIOR_GAIN so Adam moves it at logit pace."""
+        if self.leaf_spatial_prior is None:
+            return None
+        bias = PRIOR_GAIN * self.leaf_spatial_prior
+        return self.averaging.to(bias.dtype) @ bias if all_nodes else bias
 
     def _anatomies(self, batch, B: int, device) -> torch.Tensor:
         """[B, K] bool: the leaves of each report's findings (all False for a normal study)."""
@@ -110,15 +124,16 @@ class SSACL(nn.Module):
         leaf_q = self.leaf_queries()
         all_nodes = "region" in on
         queries = self.node_queries(leaf_q) if all_nodes else leaf_q
+        qbias = self.query_bias(all_nodes)
         losses: dict[str, torch.Tensor] = {}
 
         if on.keys() & {"region", "aca", "entity", "lm"}:
-            u = self.vit(images, queries, return_attn="entity" in on)
+            u = self.vit(images, queries, return_attn="entity" in on, query_bias=qbias)
             leaf_u = u["queries"][:, self.leaf_node_index] if all_nodes else u["queries"]
             if "entity" in on:
                 leaf_attn = u["attn"][:, self.leaf_node_index] if all_nodes else u["attn"]
         if on.keys() & {"mae", "con", "region"}:
-            mk = self.vit(images, queries, mask_ratio=self.mask_ratio)
+            mk = self.vit(images, queries, mask_ratio=self.mask_ratio, query_bias=qbias)
         if on.keys() & {"con", "aca"}:
             _, text = self.text_encoder.encode_texts(batch["report"], images.device)
 
@@ -152,7 +167,8 @@ class SSACL(nn.Module):
         if self.report_decoder is None:
             raise ValueError("generate needs the report decoder (loss.lm > 0)")
         images = batch["image"]
-        out = self.vit(images, self.leaf_queries(), return_attn=self.entity_head is not None)
+        out = self.vit(images, self.leaf_queries(), return_attn=self.entity_head is not None,
+                       query_bias=self.query_bias())
         kw = dict(beam_size=beam_size, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                   repetition_penalty=repetition_penalty, length_penalty=length_penalty)
         if self.entity_head is not None:
@@ -171,11 +187,12 @@ class SSACL(nn.Module):
         """[B, K, H, W] in [0, 1]: each leaf query's last-layer attention to the patches (heads
         averaged), upsampled to the image and smoothed by models/heatmaps.py."""
         from models.heatmaps import leaf_heatmaps
-        attn = self.vit(images, self.leaf_queries(), return_attn=True)["attn"]
+        attn = self.vit(images, self.leaf_queries(), return_attn=True, query_bias=self.query_bias())["attn"]
         return leaf_heatmaps(attn.float(), self.vit.grid, tuple(images.shape[-2:]))
 
     def no_weight_decay(self) -> set[str]:
         """Token / scale parameters kept out of weight decay (lr_sched.param_groups also finds them by name)."""
-        names = {"vit.cls_token", "mae_decoder.mask_token", "contrastive.logit_scale", "entity_head.anat_bias", "leaf_query_embed"}
+        names = {"vit.cls_token", "mae_decoder.mask_token", "contrastive.logit_scale", "entity_head.anat_bias", "leaf_query_embed",
+                 "leaf_spatial_prior"}
         own = dict(self.named_parameters())
         return {n for n in names if n in own}

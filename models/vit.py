@@ -63,6 +63,16 @@ def prefix_attn_mask(num_prefix: int, seq_len: int, device) -> torch.Tensor:
     return mask
 
 
+def prefix_attn_bias(mask: torch.Tensor, query_bias: torch.Tensor) -> torch.Tensor:
+    """Float ``[B, 1, P, N]``: ``mask`` (bool [P, N]) as 0 / -inf, plus ``query_bias`` [B, Q, L]
+    added to the Q query rows' patch columns (the CLS row, P - 1 = Q, gets none)."""
+    B, Q, L = query_bias.shape
+    out = torch.zeros(mask.shape, dtype=query_bias.dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    out = out.expand(B, -1, -1).clone()
+    out[:, :Q, -L:] += query_bias
+    return out[:, None]
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
@@ -74,7 +84,7 @@ class Attention(nn.Module):
 
     def forward(self, x, attn_mask=None, num_prefix: int = 0, prefix_mask=None, return_attn: bool = False):
         """With ``num_prefix`` P > 0 the first P tokens follow the query/CLS rule (module docstring)
-        and ``prefix_mask`` is ``prefix_attn_mask(P, N)``; else plain SDPA with ``attn_mask``.
+        and ``prefix_mask`` is ``prefix_attn_mask(P, N)`` (or ``prefix_attn_bias``); else plain SDPA with ``attn_mask``.
         ``return_attn``: also the prefix rows' attention probabilities [B, heads, P, N] (fp32)."""
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
@@ -87,7 +97,11 @@ class Attention(nn.Module):
             if return_attn:  # explicit fp32 probabilities, this layer only
                 with torch.autocast(x.device.type, enabled=False):
                     logits = q[:, :, :P].float() @ k.float().transpose(-2, -1) / math.sqrt(q.shape[-1])
-                    attn = logits.masked_fill(~prefix_mask, float("-inf")).softmax(-1)
+                    if prefix_mask.dtype == torch.bool:
+                        logits = logits.masked_fill(~prefix_mask, float("-inf"))
+                    else:
+                        logits = logits + prefix_mask.float()
+                    attn = logits.softmax(-1)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.proj(out.transpose(1, 2).reshape(B, N, C)), attn
@@ -119,18 +133,19 @@ class PatchEmbed(nn.Module):
 
 
 class ConvStem(nn.Module):
-    """A small CNN applied to every patch on its own (as hybrid ViTs' convolutional stems, Xiao et al. 2021,
-    but confined to the patch): log2(patch) stages of 3x3 conv, GELU and 2x2 max-pooling, widths doubling
-    up to the embedding, then a linear projection. One token per patch, as PatchEmbed, with the locality
-    bias a ViT trained from scratch on little data lacks; a token sees exactly its own patch, no pixel of
-    its neighbours, so what a leaf's attention picks from these tokens lies where the attention points."""
+    """A small CNN stem (as hybrid ViTs' convolutional stems, Xiao et al. 2021): log2(patch) stages of 3x3
+    conv, GELU and 2x2 max-pooling, widths doubling up to the embedding, then a linear projection; one token
+    per patch, as PatchEmbed, with the locality bias a ViT trained from scratch on little data lacks.
+    ``per_patch``: the CNN runs on every patch alone, so a token sees exactly its own patch and what a
+    leaf's attention picks from these tokens lies where the attention points. Otherwise it runs over the
+    whole image and a token also sees its neighbours (receptive field 22 px for 8 px patches)."""
 
-    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int, per_patch: bool = True):
         super().__init__()
         steps = patch_size.bit_length() - 1
         if patch_size != 2 ** steps or steps < 1:
             raise ValueError(f"the conv stem needs a power-of-two patch size, got {patch_size}")
-        self.patch_size = patch_size
+        self.patch_size, self.per_patch = patch_size, per_patch
         layers, c = [], in_chans
         for i in range(steps):
             w = max(embed_dim // 2 ** (steps - 1 - i), 16)
@@ -142,8 +157,13 @@ class ConvStem(nn.Module):
     def forward(self, x):
         B, C, H, W = x.shape
         p = self.patch_size
+        if not self.per_patch:
+            return self.proj(self.convs(x).flatten(2).transpose(1, 2))
         patches = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(-1, C, p, p)
         return self.proj(self.convs(patches).flatten(1)).reshape(B, (H // p) * (W // p), -1)
+
+
+STEMS = ("patch", "conv", "two_scale")
 
 
 def init_weights(module: nn.Module) -> None:
@@ -165,13 +185,18 @@ class VisionTransformer(nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, in_chans: int = 3, stem: str = "patch"):
         super().__init__()
-        if stem not in ("patch", "conv"):
-            raise ValueError(f"model.vit.stem must be 'patch' or 'conv', got {stem!r}")
+        if stem not in STEMS:
+            raise ValueError(f"model.vit.stem must be one of {', '.join(STEMS)}, got {stem!r}")
         if img_size % patch_size:
             raise ValueError(f"img_size {img_size} not divisible by patch_size {patch_size}")
         self.img_size, self.patch_size, self.embed_dim = img_size, patch_size, embed_dim
         g = img_size // patch_size
-        self.patch_embed = (PatchEmbed if stem == "patch" else ConvStem)(patch_size, in_chans, embed_dim)
+        # two_scale: the encoder reads the whole-image CNN's tokens, ``local`` the per-patch CNN's
+        if stem == "patch":
+            self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        else:
+            self.patch_embed = ConvStem(patch_size, in_chans, embed_dim, per_patch=stem == "conv")
+        self.local_embed = ConvStem(patch_size, in_chans, embed_dim) if stem == "two_scale" else None
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.register_buffer("pos_embed", sincos_2d(embed_dim, g, g)[None], persistent=False)
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
@@ -189,19 +214,23 @@ class VisionTransformer(nn.Module):
         return self.grid[0] * self.grid[1]
 
     def forward(self, images, queries=None, mask_ratio: float = 0.0, return_attn: bool = False,
-                noise=None) -> dict:
+                noise=None, query_bias=None) -> dict:
         """images [B, C, H, W]; queries [Q, D] or [B, Q, D] or None. ``noise`` [B, L] optionally
-        fixes the masking. Returns queries [B, Q, D], cls [B, D], patches [B, L_visible, D]
+        fixes the masking. ``query_bias`` [Q, L]: added to each query's attention logits over the
+        patches, in every layer (a learned spatial prior; the CLS row gets none). Returns queries [B, Q, D], cls [B, D], patches [B, L_visible, D]
         (kept in shuffled order when masked, original order when not), mask [B, L] (1 = masked),
         ids_restore [B, L], local [B, L, D] (every patch's stem embedding, before positions and
-        attention), and with ``return_attn`` attn [B, Q, L_visible]: last-layer
+        attention; the per-patch CNN's with the two_scale stem), and with ``return_attn`` attn [B, Q, L_visible]: last-layer
         query -> patch attention probabilities averaged over heads."""
-        local = self.patch_embed(images)
-        x = local + self.pos_embed.to(local.dtype)
+        tokens = self.patch_embed(images)
+        local = tokens if self.local_embed is None else self.local_embed(images)
+        x = tokens + self.pos_embed.to(tokens.dtype)
         B, L, D = x.shape
         if mask_ratio > 0:
             ids_keep, mask, ids_restore = random_masking(B, L, mask_ratio, x.device, noise)
             x = x.gather(1, ids_keep[..., None].expand(-1, -1, D))
+            if query_bias is not None:
+                query_bias = query_bias.expand(B, -1, -1).gather(2, ids_keep[:, None].expand(-1, query_bias.shape[0], -1))
         else:
             mask = torch.zeros(B, L, device=x.device)
             ids_restore = torch.arange(L, device=x.device).expand(B, L)
@@ -215,6 +244,10 @@ class VisionTransformer(nn.Module):
         x = torch.cat(prefix + [x], dim=1)
         P = Q + 1
         pmask = prefix_attn_mask(P, x.shape[1], x.device)
+        if query_bias is not None:
+            if query_bias.shape[-2] != Q:
+                raise ValueError(f"query_bias has {query_bias.shape[-2]} rows for {Q} queries")
+            pmask = prefix_attn_bias(pmask, query_bias.to(x.dtype).expand(B, -1, -1))
         attn = None
         for i, blk in enumerate(self.blocks):
             x, attn = blk(x, num_prefix=P, prefix_mask=pmask, return_attn=return_attn and i == len(self.blocks) - 1)

@@ -53,14 +53,14 @@ def tokenizers(batch):
     return train_wordpiece(texts + list(GRAPH.leaf_names), 300), train_bpe(texts + prompts, 400)
 
 
-def build(tokenizers, seed=0, **weights):
-    cfg = load_config(overrides=TINY + [f"loss.{k}={v}" for k, v in weights.items()])
+def build(tokenizers, seed=0, overrides=(), **weights):
+    cfg = load_config(overrides=TINY + list(overrides) + [f"loss.{k}={v}" for k, v in weights.items()])
     torch.manual_seed(seed)
     return SSACL.from_config(cfg, *tokenizers)
 
 
 def test_all_losses_and_every_parameter_gets_a_gradient(tokenizers, batch):
-    model = build(tokenizers)
+    model = build(tokenizers, overrides=["model.spatial_prior=true"])   # the prior's gradient included
     out = model(batch)
     assert set(out) == {"loss", *ALL}
     cfg = load_config()
@@ -73,7 +73,7 @@ def test_all_losses_and_every_parameter_gets_a_gradient(tokenizers, batch):
     zero = [n for n, p in model.named_parameters() if p.requires_grad and p.grad.abs().sum() == 0]
     assert zero == []
     assert model.report_decoder.lm is not None and model.vit.num_patches == 16
-    assert model.no_weight_decay() >= {"vit.cls_token", "contrastive.logit_scale"}
+    assert model.no_weight_decay() >= {"vit.cls_token", "contrastive.logit_scale", "leaf_spatial_prior"}
 
 
 def test_zero_weight_terms_are_neither_built_nor_computed(tokenizers, batch):

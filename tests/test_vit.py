@@ -32,12 +32,15 @@ def mae_numpy_sincos(dim, grid_size):
     return np.concatenate([one_d(dim // 2, grid[0]), one_d(dim // 2, grid[1])], axis=1)
 
 
-def reference_forward(vit, images, queries, keep_ids=None):
-    """One full attention per layer with the DESIGN mask written out as an [N, N] matrix."""
+def reference_forward(vit, images, queries, keep_ids=None, query_bias=None):
+    """One full attention per layer with the DESIGN mask written out as an [N, N] matrix
+    (and ``query_bias`` [Q, L] added to the query rows' patch logits)."""
     x = vit.patch_embed(images) + vit.pos_embed
+    Q = queries.shape[0]
+    bias = torch.zeros(x.shape[0], Q, x.shape[1]) if query_bias is None else query_bias.expand(x.shape[0], -1, -1)
     if keep_ids is not None:
         x = x.gather(1, keep_ids[..., None].expand(-1, -1, x.shape[-1]))
-    Q = queries.shape[0]
+        bias = torch.stack([bias[b][:, keep_ids[b]] for b in range(x.shape[0])])
     x = torch.cat([queries.expand(x.shape[0], -1, -1), vit.cls_token.expand(x.shape[0], -1, -1), x], 1)
     N, Pn = x.shape[1], Q + 1
     allowed = torch.zeros(N, N, dtype=torch.bool)
@@ -50,6 +53,7 @@ def reference_forward(vit, images, queries, keep_ids=None):
         H = blk.attn.num_heads
         q, k, v = blk.attn.qkv(h).reshape(x.shape[0], N, 3, H, -1).permute(2, 0, 3, 1, 4)
         logits = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        logits[:, :, :Q, Pn:] += bias[:, None]
         probs = logits.masked_fill(~allowed, float("-inf")).softmax(-1)
         a = (probs @ v).transpose(1, 2).reshape(x.shape[0], N, -1)
         x = x + blk.attn.proj(a)
@@ -105,6 +109,32 @@ def test_queries_never_change_the_image_tokens():
         q2 = q.clone()
         q2[1] += 1.0
         torch.testing.assert_close(vit(x, q)["queries"][:, 0], vit(x, q2)["queries"][:, 0])
+
+
+def test_query_bias_is_an_additive_prior_on_the_query_rows_only():
+    vit, x = tiny(), images()
+    q, bias = torch.randn(3, D), 2.0 * torch.randn(3, 16)
+    noise = torch.rand(B, 16, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        plain = vit(x, q, return_attn=True)
+        for ratio, keep in ((0.0, None), (0.5, noise.argsort(1)[:, :8])):
+            out = vit(x, q, return_attn=True, query_bias=bias, mask_ratio=ratio, noise=noise)
+            rq, rc, rp, rattn = reference_forward(vit, x, q, keep_ids=keep, query_bias=bias)
+            torch.testing.assert_close(out["queries"], rq)
+            torch.testing.assert_close(out["attn"], rattn)
+            torch.testing.assert_close(out["cls"], rc)
+        out = vit(x, q, return_attn=True, query_bias=bias)
+        zero = vit(x, q, return_attn=True, query_bias=torch.zeros(3, 16))
+    torch.testing.assert_close(zero["attn"], plain["attn"])
+    torch.testing.assert_close(out["cls"], plain["cls"])            # CLS and patches ignore the prior
+    torch.testing.assert_close(out["patches"], plain["patches"])
+    peak = torch.full((3, 16), -30.0)
+    peak[torch.arange(3), torch.tensor([2, 9, 15])] = 0.0             # a sharp prior wins the last layer's attention
+    with torch.no_grad():
+        att = vit(x, q, return_attn=True, query_bias=peak)["attn"]
+    assert torch.equal(att.argmax(-1), torch.tensor([[2, 9, 15]] * B))
+    with pytest.raises(ValueError, match="query_bias has 2 rows for 3 queries"):
+        vit(x, q, query_bias=torch.zeros(2, 16))
 
 
 def test_random_masking():
@@ -206,3 +236,18 @@ def test_conv_stem_tokens_are_local_and_feed_the_same_encoder():
         VisionTransformer(36, 12, D, 1, 2, stem="conv")
     with pytest.raises(ValueError, match="stem"):
         VisionTransformer(IMG, P, D, 1, 2, stem="hybrid")
+
+
+def test_two_scale_stem_encoder_sees_neighbours_local_tokens_do_not():
+    torch.manual_seed(0)
+    vit = VisionTransformer(IMG, P, D, 1, num_heads=2, mlp_ratio=2.0, stem="two_scale").eval()
+    x = images().requires_grad_(True)
+    out = vit(x)
+    out["local"][0, 6].sum().backward()                      # the leaves' evidence: its own patch only
+    seen = x.grad[0].abs().sum(0) > 0
+    assert seen[P:2 * P, 2 * P:3 * P].all() and seen.sum() == P * P
+    x.grad = None
+    vit.patch_embed(x)[0, 6].sum().backward()                # the encoder's token: its patch and beyond
+    seen = x.grad[0].abs().sum(0) > 0
+    assert seen[P:2 * P, 2 * P:3 * P].all() and seen.sum() > 2 * P * P
+    assert not torch.equal(vit.patch_embed(images()), vit.local_embed(images()))

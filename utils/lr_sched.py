@@ -38,7 +38,7 @@ def effective_lr(cfg, world_size: int) -> float:
 LM_PREFIX = "report_decoder.lm."
 # Parameters that are tokens / position tables: matched on the parameter's own name, or on the
 # owning module's name for embedding tables ("embeddings.position_embeddings.weight", GPT-2 "wpe").
-_TOKEN_PARAM = re.compile(r"(pos_embed|position_embeddings?|token|tokens|queries|query_embed)$")
+_TOKEN_PARAM = re.compile(r"(pos_embed|position_embeddings?|token|tokens|queries|query_embed|spatial_prior)$")
 _POS_MODULE = re.compile(r"^(wpe|pos_embed|position_embeddings?|query_embed)$")
 
 

@@ -84,7 +84,8 @@ class Attention(nn.Module):
 
     def forward(self, x, attn_mask=None, num_prefix: int = 0, prefix_mask=None, return_attn: bool = False):
         """With ``num_prefix`` P > 0 the first P tokens follow the query/CLS rule (module docstring)
-        and ``prefix_mask`` is ``prefix_attn_mask(P, N)`` (or ``prefix_attn_bias``); else plain SDPA with ``attn_mask``.
+        and ``prefix_mask`` is ``prefix_attn_mask(P, N)`` (or ``prefix_attn_bias``); else plain SDPA
+        with ``attn_mask``.
         ``return_attn``: also the prefix rows' attention probabilities [B, heads, P, N] (fp32)."""
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
@@ -217,11 +218,12 @@ class VisionTransformer(nn.Module):
                 noise=None, query_bias=None) -> dict:
         """images [B, C, H, W]; queries [Q, D] or [B, Q, D] or None. ``noise`` [B, L] optionally
         fixes the masking. ``query_bias`` [Q, L]: added to each query's attention logits over the
-        patches, in every layer (a learned spatial prior; the CLS row gets none). Returns queries [B, Q, D], cls [B, D], patches [B, L_visible, D]
+        patches, in every layer (a learned spatial prior; the CLS row gets none).
+        Returns queries [B, Q, D], cls [B, D], patches [B, L_visible, D]
         (kept in shuffled order when masked, original order when not), mask [B, L] (1 = masked),
         ids_restore [B, L], local [B, L, D] (every patch's stem embedding, before positions and
-        attention; the per-patch CNN's with the two_scale stem), and with ``return_attn`` attn [B, Q, L_visible]: last-layer
-        query -> patch attention probabilities averaged over heads."""
+        attention; the per-patch CNN's with the two_scale stem), and with ``return_attn``
+        attn [B, Q, L_visible]: last-layer query -> patch attention probabilities averaged over heads."""
         tokens = self.patch_embed(images)
         local = tokens if self.local_embed is None else self.local_embed(images)
         x = tokens + self.pos_embed.to(tokens.dtype)
@@ -230,7 +232,8 @@ class VisionTransformer(nn.Module):
             ids_keep, mask, ids_restore = random_masking(B, L, mask_ratio, x.device, noise)
             x = x.gather(1, ids_keep[..., None].expand(-1, -1, D))
             if query_bias is not None:
-                query_bias = query_bias.expand(B, -1, -1).gather(2, ids_keep[:, None].expand(-1, query_bias.shape[0], -1))
+                keep = ids_keep[:, None].expand(-1, query_bias.shape[0], -1)
+                query_bias = query_bias.expand(B, -1, -1).gather(2, keep)
         else:
             mask = torch.zeros(B, L, device=x.device)
             ids_restore = torch.arange(L, device=x.device).expand(B, L)

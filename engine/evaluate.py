@@ -77,7 +77,9 @@ def synthetic_grounding(heatmaps: torch.Tensor, records: list[dict], root: str |
         size = hm.shape[-2:]
         hits = {}
         for leaf, rel in (rec.get("regions") or {}).items():
-            mask = _read_mask(root / rel, size) if leaf in index else np.zeros(0, bool)
+            if leaf not in index:
+                continue
+            mask = _read_mask(root / rel, size)
             if mask.any():
                 hits[leaf] = pointing_game(hm[index[leaf]], mask)
         found = [f for f in rec.get("findings") or [] if f.get("anatomy") in index and f.get("mask")]

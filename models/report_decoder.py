@@ -273,7 +273,8 @@ def build_report_decoder(cfg_decoder, tokenizer, visual_dim: int) -> ReportDecod
 
 @torch.no_grad()
 def generate_from_image(decoder: ReportDecoder, entity_head, cls: torch.Tensor, leaf_tokens: torch.Tensor,
-                        patches: torch.Tensor, local: torch.Tensor, leaf_attn: torch.Tensor, leaf_names, threshold: float = 0.5, **gen_kwargs) -> list[dict]:
+                        patches: torch.Tensor, local: torch.Tensor, leaf_attn: torch.Tensor, leaf_names,
+                        threshold: float = 0.5, **gen_kwargs) -> list[dict]:
     """Reports from image tokens alone (the test-time path of SSACL.generate).
 
     The entity head predicts the observations (-> prompt) and the anatomy leaves (-> which leaf tokens

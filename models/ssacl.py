@@ -173,7 +173,8 @@ class SSACL(nn.Module):
                   repetition_penalty=repetition_penalty, length_penalty=length_penalty)
         if self.entity_head is not None:
             rows = generate_from_image(self.report_decoder, self.entity_head, out["cls"], out["queries"],
-                                       out["patches"], out["local"], out["attn"], self.graph.leaf_names, self.threshold, **kw)
+                                       out["patches"], out["local"], out["attn"], self.graph.leaf_names,
+                                       self.threshold, **kw)
         else:
             B = images.shape[0]
             visual = torch.cat([out["queries"], out["cls"][:, None], out["patches"]], dim=1)
@@ -192,7 +193,7 @@ class SSACL(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Token / scale parameters kept out of weight decay (lr_sched.param_groups also finds them by name)."""
-        names = {"vit.cls_token", "mae_decoder.mask_token", "contrastive.logit_scale", "entity_head.anat_bias", "leaf_query_embed",
-                 "leaf_spatial_prior"}
+        names = {"vit.cls_token", "mae_decoder.mask_token", "contrastive.logit_scale", "entity_head.anat_bias",
+                 "leaf_query_embed", "leaf_spatial_prior"}
         own = dict(self.named_parameters())
         return {n for n in names if n in own}

@@ -24,15 +24,24 @@ Findings (type -> CheXpert observation -> possible anatomy leaves):
     fracture             Fracture                    right/left clavicle (gap + step)
     support_device       Support Devices             cavoatrial junction / superior vena cava (catheter tip)
     widened_mediastinum  Enlarged Cardiomediastinum  upper mediastinum
+    hilar_mass           Lung Lesion                 right/left hilar structures
+    endotracheal_tube    Support Devices             trachea (tip mid-trachea) / carina (tip at the carina)
+    enteric_tube         Support Devices             abdomen (tip in the stomach)
+    vertebral_fracture   Fracture                    spine (a flattened, sclerotic vertebral body)
+    elevated_hemidiaphragm  (no CheXpert label)      right/left hemidiaphragm
+    aortic_calcification    (no CheXpert label)      aortic arch (a dense rim on the aortic knob)
 
+Every leaf of the graph can carry a finding, so report supervision reaches every leaf query.
 About 30% of studies are normal; the others have 1-3 findings in distinct leaves. A
 bilateral finding (edema) has one ``findings`` entry per side. The heart shadow is split
 between the graph's two cardiac-silhouette leaves: the cavoatrial junction is a disc where
 the SVC meets the heart's upper right border, the right atrium leaf is the rest of it.
 ``anatomies`` lists the leaves of the study's findings (both cardiac leaves for
-cardiomegaly); a study without findings gets [] (no finding leaf).
+cardiomegaly; the trachea too for a tube tip at the carina); a study without findings
+gets [] (no finding leaf).
 ``labels``: 1 for each finding's observation, 0 for an observation a normal sentence
-negates, null otherwise; "No Finding" 1 when nothing but a support device is present.
+negates, null otherwise; "No Finding" 1 when nothing but support devices and unlabelled
+findings is present.
 
 Reports: findings first (shuffled), then the normal/negated statements (shuffled), two or
 three templates each with a dominant one, in plain clinical wording (no hedging) that the
@@ -76,10 +85,29 @@ FINDINGS: dict[str, tuple[str, tuple[str, ...], float]] = {
     "fracture": ("Fracture", tuple(f"{s} clavicle" for s in SIDES), 0.8),
     "support_device": ("Support Devices", ("cavoatrial junction", "superior vena cava"), 1.0),
     "widened_mediastinum": ("Enlarged Cardiomediastinum", ("upper mediastinum",), 0.8),
+    "hilar_mass": ("Lung Lesion", ("right hilar structures", "left hilar structures"), 0.6),
+    "endotracheal_tube": ("Support Devices", ("trachea", "carina"), 0.8),
+    "enteric_tube": ("Support Devices", ("abdomen",), 0.7),
+    "vertebral_fracture": ("Fracture", ("spine",), 0.7),
+    "elevated_hemidiaphragm": (None, tuple(f"{s} hemidiaphragm" for s in SIDES), 0.8),
+    "aortic_calcification": (None, ("aortic arch",), 0.7),
 }
 BILATERAL = {"edema"}                                   # one event, a finding entry per side
-EXTRA_ANATOMIES = {"cardiomegaly": ("right atrium", "cavoatrial junction")}
+NO_LABEL_OR_DEVICE = {None, "Support Devices"}         # observations that leave "No Finding" at 1
+
+
+def extra_anatomies(ev) -> tuple[str, ...]:
+    """Leaves a finding concerns besides its own: the whole heart for cardiomegaly, the trachea an
+    endotracheal tube runs through when its tip is at the carina."""
+    if ev["type"] == "cardiomegaly":
+        return ("right atrium", "cavoatrial junction")
+    if ev["type"] == "endotracheal_tube" and ev["leaf"] == "carina":
+        return ("trachea",)
+    return ()
 LUNG_FINDINGS = {"opacity", "consolidation", "nodule", "atelectasis", "edema", "pneumothorax", "effusion"}
+
+
+CLAVICLE_HALF = 0.015                                   # half-thickness: 2 px at 64 px
 
 
 def leaf_file(name: str) -> str:
@@ -98,6 +126,7 @@ def _sample_anatomy(rng) -> dict:
          "fracture": None, "rib_phase": u(0, 1), "rib_period": u(0.085, 0.1),
          "tissue": u(0.44, 0.54), "lung_dark": u(0.27, 0.34)}
     p["y_cp"]["left"] = p["y_cp"]["right"] + u(0.005, 0.035)
+    p["heart_floor"] = p["y_cp"]["right"] + 0.02
     p["y_hil"]["left"] = p["y_hil"]["right"] - u(0.0, 0.03)
     return p
 
@@ -156,7 +185,7 @@ def _regions(p, X, Y) -> tuple[dict, dict]:
     med = (np.abs(X - mid) < w) & (Y < hy) & (Y > 0.0)
     xr = (X - hx) * math.cos(phi) + (Y - hy) * math.sin(phi)
     yr = -(X - hx) * math.sin(phi) + (Y - hy) * math.cos(phi)
-    heart = ((xr / rx) ** 2 + (yr / ry) ** 2 < 1) & (Y < p["y_cp"]["right"] + 0.02)
+    heart = ((xr / rx) ** 2 + (yr / ry) ** 2 < 1) & (Y < p["heart_floor"])
     # the cavoatrial junction: where the SVC border meets the top of the heart
     x_caj = mid - p["w_med"] + 0.002
     ys = np.linspace(hy - ry - rx, hy, 400)
@@ -191,13 +220,14 @@ def _regions(p, X, Y) -> tuple[dict, dict]:
                                    & (ds < p["d_out"] + 0.01) & ~heart)
         R[f"{s} hilar structures"] = (((ds - 0.115) / 0.075) ** 2 + ((Y - p["y_hil"][s]) / 0.095) ** 2 < 1) & (ds > 0.04)
         y_cl = _clavicle_y(p, ds)
-        bone = (np.abs(Y - y_cl) < 0.012) & (ds > 0.035) & (ds < 0.335)
+        bone = (np.abs(Y - y_cl) < CLAVICLE_HALF) & (ds > 0.035) & (ds < 0.335)
         clav_region = bone
         fr = p["fracture"]
         if fr is not None and fr["side"] == s:   # a gap at d_f, the lateral fragment displaced down
             lat = ds > fr["d"]
-            shifted = (np.abs(Y - y_cl - fr["step"]) < 0.012) & lat & (ds < 0.335)
-            gap = (np.abs(ds - fr["d"]) < fr["gap"] / 2) & (np.abs(Y - y_cl - fr["step"] / 2) < 0.012 + fr["step"])
+            shifted = (np.abs(Y - y_cl - fr["step"]) < CLAVICLE_HALF) & lat & (ds < 0.335)
+            gap = ((np.abs(ds - fr["d"]) < fr["gap"] / 2)
+                   & (np.abs(Y - y_cl - fr["step"] / 2) < CLAVICLE_HALF + fr["step"]))
             bone = ((bone & ~lat) | shifted) & ~gap
             clav_region = bone | gap
         R[f"{s} clavicle"] = clav_region
@@ -291,6 +321,13 @@ def _pick_center(zone, X, Y, rng, margin_px):
     return float(X.flat[k]), float(Y.flat[k])
 
 
+def _tube(X, Y, path, half_width: float, r_unit: float) -> np.ndarray:
+    """A polyline through ``path`` (canonical points): 1 on the line, 0 off it, a one-pixel soft edge
+    (``r_unit`` pixels per canonical unit)."""
+    dist = np.minimum.reduce([_seg_dist(X, Y, a, b) for a, b in zip(path[:-1], path[1:])])
+    return np.clip((half_width - dist) * r_unit + 0.5, 0, 1)
+
+
 def _draw_findings(events, p, R, E, X, Y, img, lung_soft, rng, px, S):
     """Add each finding to ``img`` in place; return (type, leaf, mask) per finding entry."""
     out = []
@@ -343,14 +380,14 @@ def _draw_findings(events, p, R, E, X, Y, img, lung_soft, rng, px, S):
             out.append((t, leaf, (level > 0) & lung))
         elif t == "pneumothorax":
             s = leaf.split()[0]
-            ds, sh = E["d"][s], rng.uniform(0.05, 0.075)
+            ds, sh = E["d"][s], rng.uniform(0.07, 0.1)
             collapsed = _lung_shape(p, s, ds + 0.4 * sh, Y - sh)
             apex = R[leaf]
             ptx = apex & ~collapsed
             edge = collapsed & ~ndimage.binary_erosion(collapsed, iterations=max(1, round(px)))
             edge &= E["lungs"][s] & (Y < p["y_top"] + 0.13)
             m = _blur_local(ptx, 0.7 * px)   # air: darker, no lung markings
-            img[:] = img * (1 - m) + (_blur(img, 3 * px) - 0.1) * m + 0.22 * edge
+            img[:] = img * (1 - m) + (_blur(img, 3 * px) - 0.14) * m + 0.3 * edge
             out.append((t, leaf, ptx))
         elif t == "edema":
             g = {}
@@ -369,6 +406,38 @@ def _draw_findings(events, p, R, E, X, Y, img, lung_soft, rng, px, S):
             fr = p["fracture"]
             near = np.abs(E["d"][fr["side"]] - fr["d"]) < 0.04
             out.append((t, leaf, R[leaf] & near))
+        elif t == "hilar_mass":
+            s = leaf.split()[0]
+            r = rng.uniform(0.035, 0.045)
+            cx = 0.5 + (-1 if s == "right" else 1) * rng.uniform(0.1, 0.13)
+            cy = p["y_hil"][s] + rng.uniform(-0.02, 0.02)
+            rho = np.hypot(X - cx, Y - cy)
+            img += rng.uniform(0.3, 0.36) * np.clip((r - rho) / 0.008 + 0.5, 0, 1)
+            out.append((t, leaf, (rho < r) & R[leaf]))
+        elif t == "endotracheal_tube":      # down the trachea; tip mid-trachea, or at the carina (too low)
+            y_tip = p["y_car"] + (rng.uniform(-0.005, 0.01) if leaf == "carina" else -rng.uniform(0.08, 0.13))
+            tip = (0.5 + rng.uniform(-0.004, 0.004), y_tip)
+            path = [(0.5 + rng.uniform(-0.01, 0.01), 0.0), tip]
+            img += 0.5 * _tube(X, Y, path, max(0.007, 0.9 / r_unit), r_unit)
+            out.append((t, leaf, _disc(X, Y, tip[0], tip[1], 0.035) & R[leaf]))
+        elif t == "enteric_tube":           # down the oesophagus, through the left dome, into the stomach
+            y_dome = p["y_cp"]["left"] - p["dome_h"]                                  # top of the left dome
+            tip = (0.5 + rng.uniform(0.15, 0.22), y_dome + rng.uniform(0.07, 0.1))
+            path = [(0.5 - 0.01, 0.0), (0.5 + 0.015, p["y_car"] + 0.05), (0.5 + 0.04, y_dome + 0.02), tip]
+            img += 0.5 * _tube(X, Y, path, max(0.007, 0.9 / r_unit), r_unit)     # as wide as the ETT
+            out.append((t, leaf, _disc(X, Y, tip[0], tip[1], 0.035) & R[leaf]))
+        elif t == "vertebral_fracture":     # a flattened, sclerotic vertebral body, wider than the column
+            y_f = rng.uniform(0.3, 0.6)
+            band = (np.abs(Y - y_f) < 0.016) & (np.abs(X - 0.5) < 0.045)
+            img += rng.uniform(0.26, 0.32) * _blur_local(band, 0.5 * px)
+            out.append((t, leaf, R[leaf] & (np.abs(Y - y_f) < 0.03)))
+        elif t == "elevated_hemidiaphragm":
+            out.append((t, leaf, R[leaf]))                                          # drawn via params
+        elif t == "aortic_calcification":   # a dense rim on the aortic knob
+            cx, cy = 0.5 + p["w_med"] + 0.01, 0.335
+            rho = np.hypot(X - cx, Y - cy)
+            img += rng.uniform(0.26, 0.32) * np.clip((0.036 - rho) / 0.008 + 0.5, 0, 1) * (rho > 0.01)
+            out.append((t, leaf, R[leaf]))
         elif t == "support_device":
             x_caj, y_caj = E["x_caj"], E["y_caj"]
             tip = (x_caj, y_caj) if leaf == "cavoatrial junction" else (x_caj, rng.uniform(0.29, y_caj - 0.1))
@@ -376,9 +445,7 @@ def _draw_findings(events, p, R, E, X, Y, img, lung_soft, rng, px, S):
                 path = [(0.5 - rng.uniform(0.17, 0.22), 0.02), (x_caj - 0.01, 0.19), (x_caj, 0.24), tip]
             else:
                 path = [(0.5 + rng.uniform(0.26, 0.3), 0.23), (0.5 + 0.06, 0.215), (x_caj + 0.005, 0.235), tip]
-            dist = np.minimum.reduce([_seg_dist(X, Y, a, b) for a, b in zip(path[:-1], path[1:])])
-            hw = max(0.0045, 0.6 / r_unit)
-            img += 0.45 * np.clip((hw - dist) * r_unit + 0.5, 0, 1)
+            img += 0.45 * _tube(X, Y, path, max(0.0045, 0.6 / r_unit), r_unit)
             out.append((t, leaf, _disc(X, Y, tip[0], tip[1], 0.025) & R[leaf]))
     return out
 
@@ -396,10 +463,10 @@ def _plan(rng, normal_frac: float) -> list[dict]:
     used, events = set(), []
     for t in chosen:
         leaves = [lf for lf in FINDINGS[t][1] if lf not in used]
-        if not leaves:
+        if not leaves or (t in BILATERAL and len(leaves) < len(FINDINGS[t][1])):
             continue
         leaf = leaves[rng.integers(len(leaves))]
-        used.add(leaf)
+        used |= set(FINDINGS[t][1]) if t in BILATERAL else {leaf}
         ev = {"type": str(t), "leaf": leaf}
         if t == "support_device":
             ev["entry"] = "right" if rng.random() < 0.7 else "left"
@@ -441,7 +508,22 @@ def finding_templates(ev) -> list[str]:
                      f"acute fracture of the {s} clavicle"],
         "widened_mediastinum": ["the mediastinum is widened", "widened mediastinum",
                                 "there is widening of the superior mediastinum"],
+        "hilar_mass": [f"there is a {s} hilar mass", f"{s} hilar mass", f"a mass is seen at the {s} hilum"],
+        "enteric_tube": ["enteric tube with tip in the stomach",
+                         "the nasogastric tube terminates in the stomach"],
+        "vertebral_fracture": ["there is a compression fracture of a thoracic vertebral body",
+                               "mild compression fracture of the thoracic spine",
+                               "thoracic vertebral body compression fracture"],
+        "elevated_hemidiaphragm": [f"the {s} hemidiaphragm is elevated", f"elevation of the {s} hemidiaphragm",
+                                   f"elevated {s} hemidiaphragm"],
+        "aortic_calcification": ["there is calcification of the aortic knob", "calcified aortic knob",
+                                 "atherosclerotic calcification of the aortic arch"],
     }
+    if t == "endotracheal_tube":
+        if leaf == "carina":
+            return ["endotracheal tube with tip at the carina", "the endotracheal tube tip abuts the carina"]
+        return ["endotracheal tube with tip in the mid trachea",
+                "the endotracheal tube terminates in the trachea"]
     if t == "support_device":
         entry = "right internal jugular" if ev["entry"] == "right" else "left subclavian"
         where = "at the cavoatrial junction" if leaf == "cavoatrial junction" else "in the superior vena cava"
@@ -473,7 +555,7 @@ def _normal_sentences(types: set, rng) -> tuple[list[str], list[str]]:
     if "consolidation" not in types:
         sents.append(_choose(rng, ["no focal consolidation", "there is no focal consolidation"]))
         negated.append("Consolidation")
-    if "fracture" not in types:
+    if not types & {"fracture", "vertebral_fracture"}:
         sents.append(_choose(rng, ["no acute osseous abnormality", "the osseous structures are intact"]))
     return sents, negated
 
@@ -489,9 +571,10 @@ def make_report(events, rng) -> tuple[str, list]:
     labels: list = [None] * len(CHEXPERT_OBSERVATIONS)
     for obs in negated:
         labels[OBSERVATION_INDEX[obs]] = 0.0
-    for t in types:
-        labels[OBSERVATION_INDEX[FINDINGS[t][0]]] = 1.0
-    if not types - {"support_device"}:
+    observations = {FINDINGS[t][0] for t in types}
+    for obs in observations - {None}:
+        labels[OBSERVATION_INDEX[obs]] = 1.0
+    if observations <= NO_LABEL_OR_DEVICE:
         labels[OBSERVATION_INDEX["No Finding"]] = 1.0
     return text, labels
 
@@ -515,7 +598,10 @@ def render_study(index: int, size: int = 224, seed: int = 0, normal_frac: float 
     for ev in events:
         if ev["type"] == "fracture":
             p["fracture"] = {"side": ev["leaf"].split()[0], "d": rng.uniform(0.13, 0.25),
-                             "gap": rng.uniform(0.02, 0.028), "step": rng.uniform(0.026, 0.034)}
+                             "gap": rng.uniform(0.03, 0.04), "step": rng.uniform(0.035, 0.045)}
+        elif ev["type"] == "elevated_hemidiaphragm":   # that lung base ends well above the other one
+            side = ev["leaf"].split()[0]
+            p["y_cp"][side] = p["y_cp"]["left" if side == "right" else "right"] - rng.uniform(0.045, 0.065)
     # canonical coordinates of every pixel centre (inverse of the rotation/scale/shift jitter)
     S = size
     px = S / 224.0
@@ -535,7 +621,7 @@ def render_study(index: int, size: int = 224, seed: int = 0, normal_frac: float 
     image = lut[(np.clip(img, 0, 1) * 1023 + 0.5).astype(np.int32)]
 
     report, labels = make_report(events, rng)
-    anat = {lf for t, lf, _ in found} | {a for ev in events for a in EXTRA_ANATOMIES.get(ev["type"], ())}
+    anat = {lf for t, lf, _ in found} | {a for ev in events for a in extra_anatomies(ev)}
     anatomies = [n for n in GRAPH.leaf_names if n in anat]
     findings = [{"type": t, "observation": FINDINGS[t][0], "anatomy": lf, "mask": m} for t, lf, m in found]
     return {"image": image, "regions": {n: R[n] for n in GRAPH.leaf_names}, "findings": findings,

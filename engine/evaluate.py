@@ -19,7 +19,7 @@ from PIL import Image
 from engine.train import autocast, resolve_amp, to_device
 from utils.checkpoint import unwrap
 from utils.dist import gather_objects, get_world_size, is_main_process
-from utils.metrics.grounding import cnr, pointing_game
+from utils.metrics.grounding import cnr, pointing_game, zhang_tolerance
 
 
 @torch.no_grad()
@@ -64,9 +64,10 @@ def synthetic_grounding(heatmaps: torch.Tensor, records: list[dict], root: str |
 
     heatmaps: [B, num_leaves, H, W] in [0, 1] (model.heatmaps), aligned with ``records``; ``root`` is the
     folder that mask paths are relative to (the annotation.json folder). Masks are resized to the heatmap.
-    Returns per study {"pointing": [hit per drawn leaf], "pointing_findings": [hit per finding's leaf],
-    "cnr": [signed CNR of each finding's mask under its leaf's heatmap]}. Pointing game: the peak of a leaf
-    query's heatmap lies inside that leaf's region mask. The CNR is signed (utils.metrics.grounding.cnr):
+    Returns per study {"pointing": {drawn leaf: hit}, "pointing_findings": [hit per finding's leaf],
+    "pointing_tol": {drawn leaf: hit within Zhang et al.'s tolerance}, "cnr": [signed CNR of each finding's
+    mask under its leaf's heatmap]}. Pointing game: the peak of a leaf query's heatmap lies inside that
+    leaf's region mask (with tolerance: within 15 px at 224 px of it, scaled to the heatmap). The CNR is signed (utils.metrics.grounding.cnr):
     a map that avoids the finding scores below 0, where BioViL's absolute CNR would reward it.
     """
     root = Path(root)
@@ -75,30 +76,41 @@ def synthetic_grounding(heatmaps: torch.Tensor, records: list[dict], root: str |
     out = []
     for hm, rec in zip(maps, records):
         size = hm.shape[-2:]
-        hits = {}
+        hits, hits_tol = {}, {}
         for leaf, rel in (rec.get("regions") or {}).items():
             if leaf not in index:
                 continue
             mask = _read_mask(root / rel, size)
             if mask.any():
                 hits[leaf] = pointing_game(hm[index[leaf]], mask)
+                hits_tol[leaf] = pointing_game(hm[index[leaf]], mask, zhang_tolerance(max(size)))
         found = [f for f in rec.get("findings") or [] if f.get("anatomy") in index and f.get("mask")]
         cnrs = [cnr(hm[index[f["anatomy"]]], _read_mask(root / f["mask"], size), signed=True) for f in found]
-        out.append({"pointing": list(hits.values()),
+        out.append({"pointing": hits, "pointing_tol": hits_tol,
                     "pointing_findings": [hits[f["anatomy"]] for f in found if f["anatomy"] in hits],
                     "cnr": [c for c in cnrs if math.isfinite(c)]})
     return out
 
 
+def _hits(x) -> list:
+    """A study's per-leaf values: {leaf: value} or a list."""
+    return list(x.values()) if isinstance(x, dict) else list(x or [])
+
+
 def summarize_grounding(rows: list[dict]) -> dict[str, float]:
     """Pointing game averaged over the drawn leaves of every study, and over the leaves of the findings;
-    mean signed CNR over every finding."""
-    out = {}
-    for key, name in (("pointing", "pointing_game"), ("pointing_findings", "pointing_game_findings"),
-                      ("cnr", "cnr")):
-        values = [v for r in rows for v in r.get(key, [])]
+    mean signed CNR over every finding; "pointing_game_by_leaf": {leaf: pointing game over its studies}."""
+    out, by_leaf = {}, {}
+    for r in rows:
+        for leaf, hit in (r.get("pointing") or {}).items():
+            by_leaf.setdefault(leaf, []).append(hit)
+    for key, name in (("pointing", "pointing_game"), ("pointing_tol", "pointing_game_tol15"),
+                      ("pointing_findings", "pointing_game_findings"), ("cnr", "cnr")):
+        values = [v for r in rows for v in _hits(r.get(key))]
         if values:
             out[name] = float(np.mean(values))
+    if by_leaf:
+        out["pointing_game_by_leaf"] = {leaf: float(np.mean(v)) for leaf, v in by_leaf.items()}
     return out
 
 

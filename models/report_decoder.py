@@ -22,8 +22,9 @@ IGNORE = -100
 
 
 def build_lm(path: str | None, tokenizer, n_embd: int = 768, n_layer: int = 12, n_head: int = 12,
-             n_positions: int = 512) -> nn.Module:
-    """A Hugging Face causal LM from a local folder (any architecture), or a fresh GPT-2 of the given size."""
+             n_positions: int = 512, dropout: float = 0.1) -> nn.Module:
+    """A Hugging Face causal LM from a local folder (any architecture, its own dropout), or a fresh GPT-2 of
+    the given size with ``dropout`` on embeddings, residuals and attention (GPT-2's 0.1)."""
     ids = _special_ids(tokenizer)
     if path:
         lm = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
@@ -32,7 +33,7 @@ def build_lm(path: str | None, tokenizer, n_embd: int = 768, n_layer: int = 12, 
     else:
         config = GPT2Config(vocab_size=len(tokenizer), n_embd=n_embd, n_layer=n_layer, n_head=n_head,
                             n_positions=n_positions, bos_token_id=ids["bos"], eos_token_id=ids["eos"],
-                            pad_token_id=ids["pad"])
+                            pad_token_id=ids["pad"], resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout)
         lm = GPT2LMHeadModel(config)
     lm.config.pad_token_id = ids["pad"]
     return lm
@@ -263,7 +264,8 @@ class ReportDecoder(nn.Module):
 def build_report_decoder(cfg_decoder, tokenizer, visual_dim: int) -> ReportDecoder:
     """ReportDecoder from ``cfg.model.decoder``: LM from a path or sizes, optional LoRA, optional freezing."""
     c = cfg_decoder
-    lm = build_lm(c.path, tokenizer, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head, n_positions=c.n_positions)
+    lm = build_lm(c.path, tokenizer, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head, n_positions=c.n_positions,
+                  dropout=c.dropout)
     if c.freeze:
         lm.requires_grad_(False)
     if c.lora.enabled:  # LoRA: the base LM is frozen, only the adapters train

@@ -23,12 +23,14 @@ class TextEncoder(nn.Module):
 
     @classmethod
     def from_sizes(cls, tokenizer, hidden_size: int = 384, num_layers: int = 6, num_heads: int = 6,
-                   intermediate_size: int = 1536, max_length: int = 128) -> "TextEncoder":
-        """A randomly initialised BertModel; its vocabulary is the tokenizer's."""
+                   intermediate_size: int = 1536, max_length: int = 128, dropout: float = 0.1) -> "TextEncoder":
+        """A randomly initialised BertModel; its vocabulary is the tokenizer's; ``dropout`` on hidden states
+        and attention (BERT's 0.1)."""
         from transformers import BertConfig, BertModel
         config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
                             num_attention_heads=num_heads, intermediate_size=intermediate_size,
-                            max_position_embeddings=max_length, pad_token_id=tokenizer.pad_token_id or 0)
+                            max_position_embeddings=max_length, pad_token_id=tokenizer.pad_token_id or 0,
+                            hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
         return cls(BertModel(config, add_pooling_layer=False), tokenizer, max_length)
 
     @classmethod
@@ -55,7 +57,7 @@ class TextEncoder(nn.Module):
             enc = cls.from_pretrained(text_cfg.path, tokenizer, text_cfg.max_length)
         else:
             enc = cls.from_sizes(tokenizer, text_cfg.hidden_size, text_cfg.num_layers, text_cfg.num_heads,
-                                 text_cfg.intermediate_size, text_cfg.max_length)
+                                 text_cfg.intermediate_size, text_cfg.max_length, text_cfg.dropout)
         if text_cfg.freeze:
             enc.requires_grad_(False)
         return enc

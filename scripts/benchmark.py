@@ -309,6 +309,8 @@ def run_one(preset: str = "tiny", graph: str = "default", device: str = "auto", 
               "decoder": {k: cfg.model.decoder[k] for k in ("n_embd", "n_layer", "n_head", "vocab_size")},
               "losses": {k: float(v) for k, v in model.weights.items()},
               "arch": {"depth": cfg.model.vit.depth, "embed_dim": cfg.model.vit.embed_dim,
+                       "vit_heads": cfg.model.vit.num_heads, "spatial_prior": bool(cfg.model.spatial_prior),
+                       "patches": (cfg.data.image_size // cfg.model.vit.patch_size) ** 2,
                        "mlp_ratio": cfg.model.vit.mlp_ratio, "region_depth": cfg.model.region.decoder_depth,
                        "region_dim": cfg.model.region.decoder_dim, "lm_layers": cfg.model.decoder.n_layer,
                        "lm_dim": cfg.model.decoder.n_embd, "lm_heads": cfg.model.decoder.n_head,
@@ -326,7 +328,9 @@ def expected_query_memory(res_small: dict, res_large: dict) -> dict:
 
     - ViT: a pre-norm block keeps about (8 + 2 * mlp_ratio) * D values per token for backward (LN inputs
       and outputs, qkv, attention output, MLP hidden before and after GELU); every query token runs
-      through each ViT pass (two when MAE / contrastive / region reconstruction are on).
+      through each ViT pass (two when MAE / contrastive / region reconstruction are on). With
+      model.spatial_prior the attention bias needs a gradient, so attention runs the math kernel and keeps
+      [heads, T, T] probabilities per layer (T = queries + CLS + patches).
     - Region decoder: one [parent, children...] sequence per inner node, counted the same way.
     - Report decoder: its visual prefix holds every leaf token (a GPT-2 block keeps ~16 * n_embd values
       per token) and, on CPU (math attention), [heads, T, T] attention probabilities over the longer sequence.
@@ -341,6 +345,9 @@ def expected_query_memory(res_small: dict, res_large: dict) -> dict:
     w = res_large["losses"]
     passes = 2 if {"mae", "con", "region"} & set(w) else 1
     vit = dq * a["depth"] * per_tok * a["embed_dim"] * passes * bytes_el
+    if a.get("spatial_prior"):
+        t0 = res_small["query_tokens"] + 1 + a["patches"]
+        vit += a["depth"] * a["vit_heads"] * passes * ((t0 + dq) ** 2 - t0 ** 2) * bytes_el
     region = 0.0
     if "region" in w:
         toks = []

@@ -8,7 +8,7 @@ import torch
 
 from utils.metrics.grounding import (THRESHOLDS, aggregate, box_to_mask, cnr, dice, grounding_metrics,
                                      iou_at_thresholds, load_ms_cxr, mean_iou, normalize, pointing_game,
-                                     transform_boxes)
+                                     transform_boxes, zhang_tolerance)
 
 # 4x4 heatmap (values 0..15 / 15 after min-max) and a 2x2 mask in its bottom-right corner.
 HEAT = np.arange(16, dtype=float).reshape(4, 4)
@@ -48,6 +48,10 @@ def test_pointing_game():
     assert pointing_game(-HEAT, MASK) == 0.0  # max (0) at the top-left
     assert pointing_game(np.ones((4, 4)), MASK) == pytest.approx(4 / 16)  # flat: chance, not a hit
     assert math.isnan(pointing_game(HEAT, np.zeros((4, 4), bool)))
+    # tolerance: the peak at the top-left (0, 0) is sqrt(8) = 2.83 px from the mask's corner (2, 2)
+    assert pointing_game(-HEAT, MASK, tolerance=2.8) == 0.0
+    assert pointing_game(-HEAT, MASK, tolerance=2.9) == 1.0
+    assert zhang_tolerance(224) == 15.0 and zhang_tolerance(64) == pytest.approx(15 * 64 / 224)
 
 
 def test_dice():

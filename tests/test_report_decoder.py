@@ -114,6 +114,20 @@ def test_loss_decreases_and_gradients_reach_visual_projection():
     assert losses[-1] < 0.5 * losses[0]
 
 
+def test_dropout_option():
+    """dropout=0: a training-mode loss is deterministic; the default (GPT-2's 0.1) makes it vary."""
+    visual, mask = visual_inputs()
+    for p in (0.0, 0.1):
+        torch.manual_seed(0)
+        tok = byte_bpe()
+        dec = ReportDecoder(build_lm(None, tok, n_embd=32, n_layer=2, n_head=2, n_positions=128, dropout=p),
+                            tok, VDIM).train()
+        assert dec.lm.config.attn_pdrop == dec.lm.config.resid_pdrop == p
+        with torch.no_grad():
+            a, b = dec(visual, mask, PROMPTS, REPORTS), dec(visual, mask, PROMPTS, REPORTS)
+        assert (a == b) == (p == 0.0), (p, a, b)
+
+
 def _teacher_forcing_matches_generation(dec):
     visual, mask = visual_inputs(B=2)
     prompts = ["Findings: none.", "Findings: pleural effusion, atelectasis, cardiomegaly."]

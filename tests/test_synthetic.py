@@ -17,7 +17,10 @@ MENTION = {"opacity": "opacity", "consolidation": "consolidation", "nodule": "no
            "atelectasis": "atelectasis", "effusion": "pleural effusion", "pneumothorax": "pneumothorax",
            "edema": "pulmonary edema", "cardiomegaly": ("cardiomegaly", "heart is enlarged"),
            "fracture": "fracture", "support_device": ("catheter", "central line"),
-           "widened_mediastinum": ("widened", "widening")}
+           "widened_mediastinum": ("widened", "widening"), "hilar_mass": "mass",
+           "endotracheal_tube": "endotracheal tube", "enteric_tube": ("enteric tube", "nasogastric tube"),
+           "vertebral_fracture": "compression fracture", "elevated_hemidiaphragm": ("elevated", "elevation"),
+           "aortic_calcification": "calci"}
 SIZE = 96
 
 
@@ -73,10 +76,28 @@ def test_findings_are_visible(studies):
             hit |= f["mask"]
         clear = lungs & ~hit
         for f in s["findings"]:
-            if f["type"] in ("opacity", "consolidation", "nodule", "atelectasis", "effusion", "edema"):
+            if f["type"] in ("opacity", "consolidation", "nodule", "atelectasis", "effusion", "edema", "hilar_mass"):
                 assert img[f["mask"]].mean() > img[clear].mean() + 20, f["type"]
             if f["type"] == "pneumothorax":
                 assert img[f["mask"]].mean() < img[clear].mean(), f["type"]
+
+
+def test_devices_and_bony_findings_are_visible(studies):
+    """Tubes, a compressed vertebra, a calcified knob, a hilar mass: brighter than the same leaf region in
+    normal studies; an elevated hemidiaphragm lies above the other side's."""
+    normal = [s for s in studies if not s["findings"]]
+    for t in ("endotracheal_tube", "enteric_tube", "vertebral_fracture", "aortic_calcification", "hilar_mass"):
+        hits = [(s, f) for s in studies for f in s["findings"] if f["type"] == t]
+        assert hits, t
+        # 90th percentile: a thin tube fills a small part of its tip's disc
+        inside = np.mean([np.percentile(s["image"][f["mask"]], 90) for s, f in hits])
+        usual = np.mean([np.percentile(n["image"][n["regions"][f["anatomy"]]], 90) for _, f in hits for n in normal])
+        assert inside > usual + 15, (t, inside, usual)
+    for s in studies:
+        for f in s["findings"]:
+            if f["type"] == "elevated_hemidiaphragm":
+                other = ("left" if f["anatomy"].startswith("right") else "right") + " hemidiaphragm"
+                assert np.nonzero(f["mask"])[0].mean() < np.nonzero(s["regions"][other])[0].mean() - 2
 
 
 def test_report_mentions_findings_and_labels(studies):
@@ -95,8 +116,8 @@ def test_report_mentions_findings_and_labels(studies):
         for word in ("possible", "may", "cannot be excluded", "likely", "suggest"):
             assert word not in report
         pos = {CHEXPERT_OBSERVATIONS[i] for i, v in enumerate(s["labels"]) if v == 1}
-        expected = {FINDINGS[t][0] for t in types}
-        if not types - {"support_device"}:
+        expected = {FINDINGS[t][0] for t in types} - {None}
+        if expected <= {"Support Devices"}:                            # devices and unlabelled findings only
             expected.add("No Finding")
         assert pos == expected, (report, pos)
         assert all(v in (None, 0.0, 1.0) for v in s["labels"]) and len(s["labels"]) == 14
@@ -107,6 +128,8 @@ def test_report_mentions_findings_and_labels(studies):
             assert {f["anatomy"] for f in s["findings"]} <= set(s["anatomies"])
             if "cardiomegaly" in types:
                 assert {"right atrium", "cavoatrial junction"} <= set(s["anatomies"])
+            if any(f["anatomy"] == "carina" for f in s["findings"]):    # a low tube runs through the trachea
+                assert "trachea" in s["anatomies"]
 
 
 def test_generate_layout_and_workers_agree(tmp_path):

@@ -34,6 +34,17 @@ def tiny(tok, seed=0):
                                   max_length=16).eval()
 
 
+def test_dropout_option(tok):
+    """dropout=0: training-mode outputs are deterministic; BERT's default 0.1 makes them vary."""
+    for p in (0.0, 0.1):
+        enc = TextEncoder.from_sizes(tok, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                                     max_length=16, dropout=p).train()
+        ids, mask = enc.tokenize(TEXTS[:3])
+        with torch.no_grad():
+            same = torch.equal(enc.encode(ids, mask)[1], enc.encode(ids, mask)[1])
+        assert same == (p == 0.0), p
+
+
 def test_pooled_is_mean_over_real_tokens(tok):
     enc = tiny(tok)
     assert enc.bert.pooler is None and enc.hidden_size == 32

@@ -9,7 +9,9 @@ the image (:func:`transform_boxes`, :func:`box_to_mask`) before rasterising. Con
   affine rescaling of the heatmap. ``cnr(..., signed=True)`` keeps the sign of mean_in - mean_out, so a
   heatmap that avoids the region scores negative (the absolute CNR would reward it).
 - Pointing game: the share of the heatmap's maximal pixels that lie in the region: 1/0 with a unique maximum;
-  a flat heatmap scores the region's area fraction, i.e. chance, not a hit.
+  a flat heatmap scores the region's area fraction, i.e. chance, not a hit. ``tolerance`` (pixels) counts a
+  maximum within that Euclidean distance of the region as inside: Zhang et al.'s original pointing game
+  (ECCV 2016) uses 15 px at ~224 px (:func:`zhang_tolerance` scales it to another image size).
 Undefined values (empty region, region covering everything) are nan; :func:`aggregate` averages ignoring nan.
 """
 from __future__ import annotations
@@ -87,13 +89,22 @@ def cnr(heatmap, mask, signed: bool = False) -> float:
     return float(diff / denom if signed else abs(diff) / denom)
 
 
-def pointing_game(heatmap, mask) -> float:
-    """Share of the heatmap's maximal pixels inside the mask (1.0 = hit with a unique maximum)."""
+def pointing_game(heatmap, mask, tolerance: float = 0.0) -> float:
+    """Share of the heatmap's maximal pixels inside the mask, or within ``tolerance`` pixels of it
+    (1.0 = hit with a unique maximum)."""
     h, m = _pair(heatmap, mask)
     if not m.any():
         return math.nan
     top = h == np.nanmax(h)
+    if tolerance > 0:
+        from scipy.ndimage import distance_transform_edt
+        m = distance_transform_edt(~m) <= tolerance
     return float(m[top].mean())
+
+
+def zhang_tolerance(image_size: int) -> float:
+    """The original pointing game's 15 px tolerance at 224 px, scaled to ``image_size`` pixels."""
+    return 15.0 * image_size / 224.0
 
 
 def grounding_metrics(heatmap, mask, thresholds=THRESHOLDS, dice_threshold: float = 0.5) -> dict:

@@ -332,6 +332,7 @@ def _draw_findings(events, p, R, E, X, Y, img, lung_soft, rng, px, S):
     """Add each finding to ``img`` in place; return (type, leaf, mask) per finding entry."""
     out = []
     r_unit = S * p["scale"]          # pixels per canonical unit
+    wide_tube = max(0.007, 0.9 / r_unit)   # half-width of an endotracheal / enteric tube
     for ev in events:
         t, leaf = ev["type"], ev["leaf"]
         if t in ("opacity", "consolidation", "nodule", "atelectasis"):
@@ -418,13 +419,13 @@ def _draw_findings(events, p, R, E, X, Y, img, lung_soft, rng, px, S):
             y_tip = p["y_car"] + (rng.uniform(-0.005, 0.01) if leaf == "carina" else -rng.uniform(0.08, 0.13))
             tip = (0.5 + rng.uniform(-0.004, 0.004), y_tip)
             path = [(0.5 + rng.uniform(-0.01, 0.01), 0.0), tip]
-            img += 0.5 * _tube(X, Y, path, max(0.007, 0.9 / r_unit), r_unit)
+            img += 0.5 * _tube(X, Y, path, wide_tube, r_unit)
             out.append((t, leaf, _disc(X, Y, tip[0], tip[1], 0.035) & R[leaf]))
         elif t == "enteric_tube":           # down the oesophagus, through the left dome, into the stomach
             y_dome = p["y_cp"]["left"] - p["dome_h"]                                  # top of the left dome
             tip = (0.5 + rng.uniform(0.15, 0.22), y_dome + rng.uniform(0.07, 0.1))
             path = [(0.5 - 0.01, 0.0), (0.5 + 0.015, p["y_car"] + 0.05), (0.5 + 0.04, y_dome + 0.02), tip]
-            img += 0.5 * _tube(X, Y, path, max(0.007, 0.9 / r_unit), r_unit)     # as wide as the ETT
+            img += 0.5 * _tube(X, Y, path, wide_tube, r_unit)
             out.append((t, leaf, _disc(X, Y, tip[0], tip[1], 0.035) & R[leaf]))
         elif t == "vertebral_fracture":     # a flattened, sclerotic vertebral body, wider than the column
             y_f = rng.uniform(0.3, 0.6)

@@ -67,8 +67,9 @@ def synthetic_grounding(heatmaps: torch.Tensor, records: list[dict], root: str |
     Returns per study {"pointing": {drawn leaf: hit}, "pointing_findings": [hit per finding's leaf],
     "pointing_tol": {drawn leaf: hit within Zhang et al.'s tolerance}, "cnr": [signed CNR of each finding's
     mask under its leaf's heatmap]}. Pointing game: the peak of a leaf query's heatmap lies inside that
-    leaf's region mask (with tolerance: within 15 px at 224 px of it, scaled to the heatmap). The CNR is signed (utils.metrics.grounding.cnr):
-    a map that avoids the finding scores below 0, where BioViL's absolute CNR would reward it.
+    leaf's region mask (with tolerance: within 15 px at 224 px of it, scaled to the heatmap). The CNR is
+    signed (utils.metrics.grounding.cnr): a map that avoids the finding scores below 0, where BioViL's
+    absolute CNR would reward it.
     """
     root = Path(root)
     index = {n: i for i, n in enumerate(leaf_names)}

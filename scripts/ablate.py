@@ -21,7 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 VARIANTS = {"full": [], "no_region_aca": ["loss.region=0", "loss.aca=0"]}
-ROWS = [("pointing_game", "pointing game (all leaves)"), ("pointing_game_tol15", "pointing game, 15 px @224 tolerance"),
+ROWS = [("pointing_game", "pointing game (all leaves)"),
+        ("pointing_game_tol15", "pointing game, 15 px @224 tolerance"),
         ("pointing_game_findings", "pointing game (finding leaves)"),
         ("cnr", "finding CNR (signed)"),
         ("ce_micro_f1_14", "clinical micro-F1 (14)"), ("ce_macro_f1_14", "clinical macro-F1 (14)"),

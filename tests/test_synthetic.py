@@ -6,7 +6,8 @@ import pytest
 from PIL import Image
 
 from datasets.reports import clean_report
-from datasets.synthetic import BILATERAL, FINDINGS, generate, leaf_file, main, render_study
+from datasets.synthetic import generate, leaf_file, main, render_study
+from datasets.synthetic_reports import BILATERAL, FINDINGS
 from models.anatomy_graph import AnatomyGraph
 from utils.metrics.observations import CHEXPERT_OBSERVATIONS, OBSERVATION_INDEX
 

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from datasets.synthetic import FINDINGS, finding_templates, make_report, render_study
+from datasets.synthetic import render_study
+from datasets.synthetic_reports import FINDINGS, finding_templates, make_report
 from utils.metrics.clinical import RuleLabeler
 from utils.metrics.observations import CHEXPERT_OBSERVATIONS, OBSERVATION_INDEX
 

@@ -104,6 +104,26 @@ def _merge(base: dict, override: dict, source: str, prefix: str = "") -> None:
             base[key] = _coerce(path, base[key], value, source)
 
 
+def with_defaults(section: str, saved: dict, source: str) -> Config:
+    """defaults.yaml's ``section`` with ``saved`` (e.g. a checkpoint's stored section) merged over it: a key
+    added after the checkpoint was written takes its default, which keeps the older behaviour."""
+    base = copy.deepcopy(_read_yaml(DEFAULTS)[section])
+    _merge(base, saved, source, section + ".")
+    return _wrap(base)
+
+
+def differences(a: dict, b: dict, prefix: str = "") -> list[tuple[str, object, object]]:
+    """``(dotted key, a's value, b's value)`` for every leaf key whose values differ (None where absent)."""
+    out = []
+    for key in list(a) + [k for k in b if k not in a]:
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += differences(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append((f"{prefix}{key}", va, vb))
+    return out
+
+
 def _parse_override(item: str):
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key=value")

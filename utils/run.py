@@ -141,21 +141,24 @@ def checkpoint_tokenizers(path) -> dict[str, Path]:
     return {k: Path(path).resolve().parent / v for k, v in rel.items()}
 
 
-def _as_config(d):
-    from utils.config import Config
-    return Config({k: _as_config(v) for k, v in d.items()}) if isinstance(d, dict) else d
-
-
 def model_from_checkpoint(path, cfg, device):
     """The SSACL of a checkpoint, for evaluation / prediction: architecture (model, loss weights, image
     size) and tokenizers from the checkpoint and its run dir, weights loaded strictly. ``cfg`` is
-    updated in place with those sections (data paths and eval settings stay the caller's)."""
+    updated in place with those sections (data paths and eval settings stay the caller's); a model key
+    newer than the checkpoint takes its default."""
     from datasets.tokenizer import load_tokenizer
     from models.ssacl import SSACL
+    from utils.config import differences, with_defaults
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    saved = _as_config(ckpt["config"])
-    cfg.model, cfg.loss = saved.model, saved.loss
-    cfg.data.image_size = saved.data.image_size
+    saved, source = ckpt["config"], f"{path} (its stored config)"
+    stored = {"model": with_defaults("model", saved["model"], source),
+              "loss": with_defaults("loss", saved["loss"], source)}
+    ignored = differences({k: cfg[k] for k in stored}, stored)
+    if ignored:
+        print(f"{path}: the checkpoint's model and loss settings are used; ignored: "
+              + ", ".join(f"{k}={mine!r} (checkpoint: {theirs!r})" for k, mine, theirs in ignored))
+    cfg.model, cfg.loss = stored["model"], stored["loss"]
+    cfg.data.image_size = saved["data"]["image_size"]
     cfg.model.vit.init, cfg.train.init = None, None  # the checkpoint holds the weights
     folders = checkpoint_tokenizers(path)
     text_tok, dec_tok = load_tokenizer(folders["text"]), load_tokenizer(folders["decoder"])

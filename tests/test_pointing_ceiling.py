@@ -44,4 +44,17 @@ def test_ceiling_averages_per_leaf_and_skips_finding_and_empty_masks(tmp_path):
     assert pointing_ceiling.ceiling(tmp_path, 32, 8) == {"a": 0.5, "b": 0.0}
     out = tmp_path / "ceiling.json"
     pointing_ceiling.main(["--masks", str(tmp_path), "--size", "32", "--patch", "8", "--json", str(out)])
-    assert json.loads(out.read_text())["32px_patch8"]["mean_over_leaves"] == 0.25
+    figures = json.loads(out.read_text())["32px_patch8"]
+    assert figures["mean_over_leaves"] == 0.25
+
+
+def test_fixed_ceiling_takes_one_patch_for_every_study(tmp_path):
+    """Leaf "a" lies on patch column 1 in one study and column 2 in the other: each study's best patch
+    hits (1.0), but no single patch hits both (0.5)."""
+    save(tmp_path / "s1" / "a.png", column(32, 11, 12))
+    save(tmp_path / "s2" / "a.png", column(32, 19, 20))
+    per_study, fixed = pointing_ceiling.ceilings(pointing_ceiling.leaf_patch_scores(tmp_path, 32, 8))
+    assert per_study == {"a": 1.0} and fixed == {"a": 0.5}
+    out = tmp_path / "ceiling.json"
+    pointing_ceiling.main(["--masks", str(tmp_path), "--size", "32", "--patch", "8", "--json", str(out)])
+    assert json.loads(out.read_text())["32px_patch8"]["fixed_mean_over_leaves"] == 0.5

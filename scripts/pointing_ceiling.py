@@ -39,11 +39,6 @@ def patch_scores(mask: np.ndarray, peaks: np.ndarray) -> np.ndarray:
     return (peaks & mask).sum(axis=(1, 2)) / peaks.sum(axis=(1, 2))
 
 
-def best_single_patch(mask: np.ndarray, peaks: np.ndarray) -> float:
-    """The best pointing-game score over one-patch maps."""
-    return float(patch_scores(mask, peaks).max())
-
-
 def leaf_patch_scores(mask_root: Path, size: int, patch: int, max_studies: int = 200) -> dict[str, np.ndarray]:
     """``{leaf file stem: [studies, g*g] patch_scores}`` over the first ``max_studies`` study folders of
     ``mask_root`` (the generator's ``masks/<study>/<leaf>.png``; ``finding_*`` and empty masks are skipped).
@@ -68,11 +63,6 @@ def ceilings(scores: dict[str, np.ndarray]) -> tuple[dict[str, float], dict[str,
     of the one patch best over all studies together: a map that ignores the image)."""
     return ({leaf: float(s.max(1).mean()) for leaf, s in scores.items()},
             {leaf: float(s.mean(0).max()) for leaf, s in scores.items()})
-
-
-def ceiling(mask_root: Path, size: int, patch: int, max_studies: int = 200) -> dict[str, float]:
-    """``{leaf: mean over studies of the best patch for that study}``."""
-    return ceilings(leaf_patch_scores(mask_root, size, patch, max_studies))[0]
 
 
 def main(argv=None) -> None:

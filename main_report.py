@@ -56,6 +56,7 @@ def finetune(cfg):
     optimizer, scaler = run.build_optimizer(cfg, model, info)
     ckpt = run.Checkpointer(run_dir, cfg, model, optimizer, scaler, extra={"tokenizers": tok_dirs})
     start_epoch, start_step = ckpt.resume(cfg.train.resume)
+    run.ensure_location_prior(model, cfg, info)
     model_ddp = run.wrap_ddp(model, cfg, info)
     train_loader, val_loader = run.train_loader(train_set, cfg, info), run.eval_loader(val_set, cfg, info)
 

@@ -168,6 +168,11 @@ def generate_and_score(model, loader, device, cfg, out_dir, tb=None, epoch=None,
     root = Path(cfg.data.annotation).parent  # mask paths are relative to the annotation.json folder
     num_visualize = cfg.eval.num_visualize if num_visualize is None else num_visualize
     out_dir = Path(out_dir)
+    prior_maps = None  # the location prior alone as heatmaps: what the model's maps are compared with
+    if records and getattr(net, "location_prior", None) is not None:
+        from models.heatmaps import leaf_heatmaps
+        size = (cfg.data.image_size, cfg.data.image_size)
+        prior_maps = leaf_heatmaps(net.location_prior[None].float().cpu(), net.vit.grid, size)
     rows, visuals = [], []
     for batch in loader:
         if batch is None:  # every sample unreadable (data.skip_bad)
@@ -184,8 +189,12 @@ def generate_and_score(model, loader, device, cfg, out_dir, tb=None, epoch=None,
         if records or want_vis:
             with autocast(device, dtype):
                 heat = net.heatmaps(batch["image"]).float()
-        ground = (synthetic_grounding(heat, [_record_for(records, o["id"]) for o in outs], root, leaf_names)
-                  if records else [{}] * len(indices))
+        recs = [_record_for(records, o["id"]) for o in outs]
+        ground = synthetic_grounding(heat, recs, root, leaf_names) if records else [{}] * len(indices)
+        if prior_maps is not None:
+            for g, p in zip(ground, synthetic_grounding(prior_maps.expand(len(recs), -1, -1, -1), recs, root,
+                                                        leaf_names)):
+                g["prior"] = p
         for j, (o, i) in enumerate(zip(outs, indices)):
             rows.append({"index": i, "id": o["id"], "generated": o["report"], "reference": batch["report"][j],
                          "entities": list(o["entities"]), "anatomies": list(o["anatomies"]), **ground[j]})
@@ -200,6 +209,9 @@ def generate_and_score(model, loader, device, cfg, out_dir, tb=None, epoch=None,
         metrics, ce = score_reports(unique, cfg, device)
         if records:
             metrics.update(summarize_grounding(unique))
+        if prior_maps is not None:  # e.g. prior_pointing_game: the location prior alone, the same for every image
+            metrics.update({f"prior_{k}": v for k, v in summarize_grounding([r["prior"] for r in unique]).items()
+                            if k != "pointing_game_by_leaf"})
         metrics["num_studies"] = len(unique)
         _write(out_dir, unique, {**metrics, "clinical_efficacy": ce})
         _log(tb, unique, visuals, metrics, prefix, epoch if step is None else step, out_dir, net.graph, cfg)

@@ -17,13 +17,14 @@ from torch import nn
 from models.alignment import AnatomicalConsistency, ImageReportContrastive
 from models.anatomy_graph import AnatomyGraph, graph_from_name
 from models.entity_head import EntityHead, format_prompt
+from models.location_prior import prior_bias, rest_loss
 from models.mae import MAEDecoder
 from models.region_recon import RegionDecoder
 from models.report_decoder import build_report_decoder, generate_from_image
 from models.text_encoder import TextEncoder
 from models.vit import VisionTransformer
 
-LOSSES = ("mae", "con", "region", "aca", "entity", "lm")
+LOSSES = ("mae", "con", "region", "aca", "entity", "lm", "rest")
 PRIOR_GAIN = 5.0    # leaf_spatial_prior is learned in units of 1/5 logit
 
 
@@ -33,7 +34,7 @@ class SSACL(nn.Module):
                  mae_decoder: MAEDecoder | None = None, contrastive: ImageReportContrastive | None = None,
                  region_decoder: RegionDecoder | None = None, aca: AnatomicalConsistency | None = None,
                  entity_head: EntityHead | None = None, report_decoder: nn.Module | None = None,
-                 spatial_prior: bool = False):
+                 spatial_prior: bool = False, location_prior: bool = False, location_prior_gain: float = 1.0):
         super().__init__()
         self.vit, self.text_encoder, self.graph = vit, text_encoder, graph
         self.mask_ratio, self.threshold = mask_ratio, threshold
@@ -44,16 +45,24 @@ class SSACL(nn.Module):
         # optional learned spatial prior (init 0): per-leaf attention logits over the patch grid
         self.leaf_spatial_prior = (nn.Parameter(torch.zeros(graph.num_leaves, vit.num_patches))
                                    if spatial_prior else None)
+        # optional report-derived location prior (models/location_prior.py): a fixed [K, L] distribution,
+        # all zeros until estimated from the training data (saved in checkpoints)
+        self.location_prior_gain = location_prior_gain
+        if location_prior:
+            self.register_buffer("location_prior", torch.zeros(graph.num_leaves, vit.num_patches))
+        else:
+            self.location_prior = None
         self.mae_decoder, self.contrastive, self.region_decoder = mae_decoder, contrastive, region_decoder
         self.aca, self.entity_head, self.report_decoder = aca, entity_head, report_decoder
         self.weights = {k: float(w) for k, w in weights.items() if w}  # the enabled terms
         owner = {"mae": mae_decoder, "con": contrastive, "region": region_decoder, "aca": aca,
-                 "entity": entity_head, "lm": report_decoder}
+                 "entity": entity_head, "lm": report_decoder, "rest": self.location_prior}
         for k in self.weights:
             if k not in owner:
                 raise ValueError(f"unknown loss {k!r} (known: {', '.join(LOSSES)})")
             if owner[k] is None:
-                raise ValueError(f"loss {k!r} has weight {self.weights[k]} but its module was not given")
+                what = "model.location_prior is off" if k == "rest" else "its module was not given"
+                raise ValueError(f"loss {k!r} has weight {self.weights[k]} but {what}")
         ids, attn = text_encoder.tokenize(graph.leaf_names)
         self.register_buffer("leaf_ids", ids, persistent=False)
         self.register_buffer("leaf_attn", attn, persistent=False)
@@ -85,7 +94,8 @@ class SSACL(nn.Module):
                                       al.aca_text_temperature) if w.aca else None,
             entity_head=EntityHead(D, 14, K, m.entity.hidden_dim) if w.entity else None,
             report_decoder=build_report_decoder(m.decoder, decoder_tokenizer, D) if w.lm else None,
-            spatial_prior=m.spatial_prior)
+            spatial_prior=m.spatial_prior, location_prior=m.location_prior.enabled,
+            location_prior_gain=m.location_prior.gain)
 
     # ------------------------------------------------------------------ queries
     def leaf_queries(self) -> torch.Tensor:
@@ -98,12 +108,23 @@ class SSACL(nn.Module):
         """[num_nodes, D]: every inner node the mean of its children, as one matmul."""
         return self.averaging.to(leaf_queries.dtype) @ leaf_queries
 
+    @property
+    def needs_location_prior(self) -> bool:
+        """True when the location prior is on but not estimated yet (utils.run.ensure_location_prior)."""
+        return self.location_prior is not None and not bool(self.location_prior.any())
+
     def query_bias(self, all_nodes: bool = False) -> torch.Tensor | None:
-        """The spatial prior as ViT ``query_bias``: [K, L] for the leaves, [num_nodes, L] (children
-        averaged) for every node; None when off. Scaled by PRIOR_GAIN so Adam moves it at logit pace."""
-        if self.leaf_spatial_prior is None:
+        """The spatial priors as ViT ``query_bias``: [K, L] for the leaves, [num_nodes, L] (children
+        averaged) for every node; None when both are off. The learned one is scaled by PRIOR_GAIN so Adam
+        moves it at logit pace; the report-derived one adds ``prior_bias`` once estimated."""
+        terms = []
+        if self.leaf_spatial_prior is not None:
+            terms.append(PRIOR_GAIN * self.leaf_spatial_prior)
+        if self.location_prior is not None:  # estimated before training (utils.run.ensure_location_prior)
+            terms.append(prior_bias(self.location_prior, self.location_prior_gain))
+        if not terms:
             return None
-        bias = PRIOR_GAIN * self.leaf_spatial_prior
+        bias = sum(terms)
         return self.averaging.to(bias.dtype) @ bias if all_nodes else bias
 
     def _anatomies(self, batch, B: int, device) -> torch.Tensor:
@@ -127,10 +148,10 @@ class SSACL(nn.Module):
         qbias = self.query_bias(all_nodes)
         losses: dict[str, torch.Tensor] = {}
 
-        if on.keys() & {"region", "aca", "entity", "lm"}:
-            u = self.vit(images, queries, return_attn="entity" in on, query_bias=qbias)
+        if on.keys() & {"region", "aca", "entity", "lm", "rest"}:
+            u = self.vit(images, queries, return_attn=bool(on.keys() & {"entity", "rest"}), query_bias=qbias)
             leaf_u = u["queries"][:, self.leaf_node_index] if all_nodes else u["queries"]
-            if "entity" in on:
+            if on.keys() & {"entity", "rest"}:
                 leaf_attn = u["attn"][:, self.leaf_node_index] if all_nodes else u["attn"]
         if on.keys() & {"mae", "con", "region"}:
             mk = self.vit(images, queries, mask_ratio=self.mask_ratio, query_bias=qbias)
@@ -149,6 +170,8 @@ class SSACL(nn.Module):
         if "entity" in on:
             obs, anat = self.entity_head(u["cls"], u["patches"], u["local"], leaf_attn)
             losses["entity"] = self.entity_head.loss(obs, anat, batch["labels"], self._anatomies(batch, B, images.device))
+        if "rest" in on:
+            losses["rest"] = rest_loss(leaf_attn, self.location_prior, self._anatomies(batch, B, images.device))
         if "lm" in on:
             visual = torch.cat([leaf_u, u["cls"][:, None], u["patches"]], dim=1)
             vmask = torch.cat([EntityHead.leaves_shown(self._anatomies(batch, B, images.device)),

@@ -169,7 +169,10 @@ def build_model(cfg, device: torch.device, reports: list[str]):
     from models.ssacl import SSACL
     text_tok = _pad_vocab(train_wordpiece(reports, cfg.model.text.vocab_size), cfg.model.text.vocab_size, "t")
     dec_tok = _pad_vocab(train_bpe(reports, cfg.model.decoder.vocab_size), cfg.model.decoder.vocab_size, "d")
-    return SSACL.from_config(cfg, text_tok, dec_tok).to(device)
+    model = SSACL.from_config(cfg, text_tok, dec_tok)
+    if model.needs_location_prior:  # uniform: a step costs the same whatever its values
+        model.location_prior.fill_(1.0 / model.vit.num_patches)
+    return model.to(device)
 
 
 # ---- measurements ---------------------------------------------------------------------------------

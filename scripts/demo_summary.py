@@ -31,7 +31,9 @@ TARGETS = [("ce_micro_f1_14", "clinical micro-F1 (14 obs)", 0.70, "min"),
            ("BLEU_4", "BLEU-4", 0.30, "min"),
            ("pointing_game", "pointing game (leaves)", 0.60, "min"),
            ("cnr", "finding CNR (signed) under its leaf map", 0.0, "pos")]
-SHOWN = ["pointing_game_tol15", "pointing_game_findings", "BLEU_1", "METEOR", "ROUGE_L", "CIDEr", "ce_micro_f1_5",
+# prior_*: the location prior alone as every image's map (what the model's own maps add to it)
+SHOWN = ["pointing_game_tol15", "pointing_game_findings", "prior_pointing_game", "prior_pointing_game_findings",
+         "prior_cnr", "BLEU_1", "METEOR", "ROUGE_L", "CIDEr", "ce_micro_f1_5",
          "ce_macro_f1_14", "ce_example_f1_14"]
 BASELINE_MARGIN = 0.15  # "clearly worse": baseline clinical micro-F1 at least this far below the model's
 

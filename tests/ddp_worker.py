@@ -59,6 +59,7 @@ def main():
     text_tok, dec_tok = load_tokenizer(cfg.model.text.tokenizer), load_tokenizer(cfg.model.decoder.tokenizer)
     torch.manual_seed(0)
     model = SSACL.from_config(cfg, text_tok, dec_tok)
+    run.ensure_location_prior(model, cfg, info)  # the demo config's: estimated over the ranks' shards
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from models.location_prior import estimate_location_prior  # noqa: E402
 from utils import dist as du  # noqa: E402
 from utils.logging import SmoothedValue  # noqa: E402
 
@@ -35,6 +36,13 @@ def clip_loss(a, b, temperature=0.1):
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
 
+def make_prior_data(world_size, per_rank=5, size=8, leaves=3):
+    """Images and anatomy targets for the location prior (uneven positives over the ranks)."""
+    g = torch.Generator().manual_seed(2)
+    n = world_size * per_rank
+    return torch.randn(n, 3, size, size, generator=g), torch.rand(n, leaves, generator=g) < 0.4
+
+
 def main(out_dir):
     info = du.init_distributed(backend="auto", device="cpu")
     r, w = info.rank, info.world_size
@@ -57,7 +65,13 @@ def main(out_dir):
         meter.update(v)
     meter.synchronize_between_processes()
 
+    images, anat = make_prior_data(w)
+    m = len(images) // w
+    prior = estimate_location_prior([{"image": images[r * m:(r + 1) * m], "anatomies": anat[r * m:(r + 1) * m]}],
+                                    anat.shape[1], images.shape[-1], 4, info.device)
+
     result = {
+        "location_prior": prior,
         "rank": r, "world_size": w, "distributed": info.distributed, "device": str(info.device),
         "gathered_x": du.all_gather(x), "gathered_requires_grad": du.all_gather(x).requires_grad,
         "loss": loss.detach(), "x_grad": x.grad,

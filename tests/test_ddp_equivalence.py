@@ -34,7 +34,8 @@ def test_two_ranks_match_one_process(tmp_path):
         torch.testing.assert_close(p2, p1, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
         moved += int(not torch.equal(p1, one["init"][name]))
     assert moved > 0.9 * len(one["params"])  # the steps changed the parameters
-    for k in ("loss", "mae", "con", "region", "aca", "entity", "lm", "grad_norm"):
+    assert one["params"]["location_prior"].any()  # estimated, identically on 1 and 2 ranks (compared above)
+    for k in ("loss", "mae", "con", "region", "aca", "entity", "lm", "rest", "grad_norm"):
         assert abs(one["stats"][k] - two["stats"][k]) < 1e-4 * max(1.0, abs(one["stats"][k])), k
 
     # generation over the test split on two ranks: every study once (the sampler pads 3 -> 4)

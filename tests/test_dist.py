@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from models.location_prior import estimate_location_prior
 from utils import dist as du
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,8 +95,12 @@ def test_torchrun_two_cpu_processes(tmp_path):
     loss = worker.clip_loss(*model(x_all, t_all))
     loss.backward()
 
+    images, anat = worker.make_prior_data(2)
+    prior = estimate_location_prior([{"image": images, "anatomies": anat}], anat.shape[1], images.shape[-1], 4, "cpu")
+
     n = len(x_all) // 2
     for r, got in enumerate(res):
+        torch.testing.assert_close(got["location_prior"], prior)  # summed over ranks = one process
         assert got["rank"] == r and got["world_size"] == 2 and got["distributed"]
         assert got["device"] == "cpu"
         assert torch.equal(got["gathered_x"], x_all.detach()) and not got["gathered_requires_grad"]

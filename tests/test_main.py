@@ -61,6 +61,8 @@ def test_pretrain_finetune_eval_predict(tmp_path):
                 "train/lr", "train/grad_norm", "train/samples_per_s", "val/loss"):
         assert tag in tags, tag
     ckpt = torch.load(pre / "checkpoint-best.pth", weights_only=True)
+    assert "location prior: estimating from 24 training images" in res.stdout  # the demo config has it on
+    torch.testing.assert_close(ckpt["model"]["location_prior"].sum(1), torch.ones(25))
     assert ckpt["extra"]["tokenizers"] == {"text": "tokenizers/text_tokenizer",
                                            "decoder": "tokenizers/decoder_tokenizer"}
     init = vit.state_dict()  # loaded, then moved by 6 small AdamW steps (a fresh init would be far off)
@@ -71,12 +73,14 @@ def test_pretrain_finetune_eval_predict(tmp_path):
     res = python("main_report.py", "--config", rep_cfg)
     timer.lap("finetune")
     assert "pretrained" in res.stdout and "loaded" in res.stdout
+    assert "location prior: estimating" not in res.stdout  # it came with the pretraining checkpoint
     rep = out / "rep"
     val = rep / "val" / "epoch_0000"
     assert (val / "generated.jsonl").is_file() and (val / "metrics.json").is_file()
     assert (rep / "checkpoint-best.pth").is_file()
     best = torch.load(rep / "checkpoint-best.pth", weights_only=True)
     assert not any(k.startswith(("mae_decoder", "region_decoder")) for k in best["model"])  # weights 0: not built
+    assert torch.equal(best["model"]["location_prior"], ckpt["model"]["location_prior"])
     for k, p in ckpt["model"].items():  # the pretrained text encoder was loaded (then fine-tuned a little)
         if k.startswith("text_encoder.bert.embeddings.word_embeddings"):
             assert (best["model"][k] - p).abs().max() < 0.05
@@ -93,6 +97,7 @@ def test_pretrain_finetune_eval_predict(tmp_path):
     assert sorted(r["id"] for r in rows) == sorted(test_ids)
     metrics = json.load(open(ev / "metrics.json"))
     assert {"BLEU_4", "ROUGE_L", "CIDEr", "ce_micro_f1_14", "pointing_game", "cnr"} <= set(metrics)
+    assert 0.0 <= metrics["prior_pointing_game"] <= 1.0  # the location prior alone, beside the model
     assert list((ev / "overlays").glob("*.png"))
 
     # --- the same under torchrun (2 ranks): each test study once, same reports (greedy decoding)

@@ -191,3 +191,38 @@ def test_batch_of_one(tokenizers, batch):
     model.eval()
     assert len(model.generate(one, beam_size=2, max_new_tokens=3)) == 1
     assert model.heatmaps(one["image"]).shape == (1, 25, 32, 32)
+
+
+def test_location_prior_steers_each_leaf_to_its_patch_and_travels_in_the_state_dict(tokenizers, batch):
+    model = build(tokenizers, overrides=["model.location_prior.enabled=true", "model.location_prior.gain=10.0"])
+    assert model.needs_location_prior
+    K, L = GRAPH.num_leaves, model.vit.num_patches
+    target = torch.arange(K) % L
+    prior = torch.full((K, L), 1e-4)
+    prior[torch.arange(K), target] = 1.0
+    model.location_prior.copy_(prior / prior.sum(1, keepdim=True))
+    assert not model.needs_location_prior
+
+    def peaks(m):
+        attn = m.vit(batch["image"], m.leaf_queries(), return_attn=True, query_bias=m.query_bias())["attn"]
+        return attn.argmax(-1)
+
+    with torch.no_grad():
+        assert (peaks(model) == target).all()
+        maps = model.heatmaps(batch["image"])                                   # [B, K, 32, 32]
+        g, p = model.vit.grid[1], model.vit.patch_size
+        peak = maps.flatten(-2).argmax(-1)
+        assert ((peak // 32 // p) * g + (peak % 32) // p == target).all()
+        plain = build(tokenizers)
+        assert (peaks(plain) == target).float().mean() < 0.5                   # not so without the prior
+    rest = build(tokenizers, overrides=["model.location_prior.enabled=true", "loss.rest=1.0"])
+    rest.location_prior.copy_(model.location_prior)
+    out = rest(batch)                                                           # every loss, all graph nodes
+    assert torch.isfinite(out["loss"]) and out["rest"] > 0
+    out["rest"].backward()                                                      # the leaf attention learns from it
+    assert rest.leaf_query_embed.grad.abs().sum() > 0 and rest.vit.blocks[-1].attn.qkv.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="'rest'"):
+        build(tokenizers, overrides=["loss.rest=1.0"])                          # needs the location prior
+    fresh = build(tokenizers, seed=1, overrides=["model.location_prior.enabled=true"])
+    fresh.load_state_dict(model.state_dict())
+    assert not fresh.needs_location_prior and torch.equal(fresh.location_prior, model.location_prior)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from utils import lr_sched
 from utils.checkpoint import find_latest, load_checkpoint, save_checkpoint
@@ -106,6 +106,26 @@ def eval_loader(dataset, cfg, info) -> DataLoader:
     """In order, sharded over ranks; the sampler pads the last shards (callers de-duplicate by index)."""
     sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=False)
     return _loader(dataset, sampler, cfg.data.eval_batch_size, cfg, info, drop_last=False)
+
+
+def ensure_location_prior(model, cfg, info) -> None:
+    """Estimate the report-derived location prior (models/location_prior.py) when the model has it on and
+    neither a pretraining checkpoint nor a resumed run brought it: over ``model.location_prior.max_images``
+    training images (a fixed random subset, eval transform), sharded over ranks and summed."""
+    from datasets.cxr import build_dataset
+    from models.location_prior import estimate_location_prior
+    if not model.needs_location_prior:
+        return
+    dataset = build_dataset(cfg, "train", train=False)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    limit = cfg.model.location_prior.max_images
+    chosen = order[:limit] if limit > 0 else order
+    loader = _loader(Subset(dataset, chosen[info.rank::info.world_size]), None, cfg.data.eval_batch_size, cfg,
+                     info, drop_last=False)
+    print(f"location prior: estimating from {len(chosen)} training images")
+    prior = estimate_location_prior(loader, model.graph.num_leaves, cfg.data.image_size, cfg.model.vit.patch_size,
+                                    info.device)
+    model.location_prior.copy_(prior)
 
 
 # ---- tokenizers and models ----------------------------------------------------------------------

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole SS-ACL pipeline on the built-in synthetic chest X-rays, on a CPU (about 25 minutes on 2 cores):
+# The whole SS-ACL pipeline on the built-in synthetic chest X-rays, on a CPU (about 15 minutes on 2 cores):
 #   environment -> synthetic data -> pretraining (all losses) -> report fine-tuning -> test evaluation -> summary.
 # Nothing is downloaded but the Python packages of requirements.txt. Re-running skips the data when present.
 #   bash scripts/demo.sh

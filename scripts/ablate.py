@@ -6,9 +6,10 @@ consistency alignment (loss.region = 0, loss.aca = 0 in pretraining), same data,
     python scripts/ablate.py --reuse-full output/demo_report --variants no_region_aca,no_location_prior
 
 Each variant runs main_pretrain.py (configs/demo.yaml), main_report.py fine-tuning (configs/demo_report.yaml,
-from that variant's pretraining checkpoint; fine-tuning trains lm + entity in both) and main_report.py --eval
-on the test split, as subprocesses under OUT/<variant>_{pretrain,report}. Then the two models' grounding and
-clinical / language figures are printed side by side and written to OUT/ablation.json.
+from that variant's pretraining checkpoint) and main_report.py --eval on the test split, as subprocesses under
+OUT/<variant>_{pretrain,report}; its overrides apply to both training stages (loss.region and loss.aca are 0
+in fine-tuning anyway). Then the models' grounding and clinical / language figures are printed side by side
+and written to OUT/ablation.json.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def run_variant(name: str, out: Path, pre_cfg: str, rep_cfg: str, sets: list[str
     times = {"pretrain_s": _run(["main_pretrain.py", "--config", pre_cfg, "--set", *common, *extra,
                                  f"run_name={pre_dir.name}"])}
     ckpt = pre_dir / "checkpoint-best.pth"
-    times["finetune_s"] = _run(["main_report.py", "--config", rep_cfg, "--set", *common,
+    times["finetune_s"] = _run(["main_report.py", "--config", rep_cfg, "--set", *common, *extra,
                                 f"run_name={rep_dir.name}", f"train.pretrained={ckpt}"])
     times["eval_s"] = _run(["main_report.py", "--config", rep_cfg, "--eval", "--checkpoint",
                             str(rep_dir / "checkpoint-best.pth"), "--set", *common, f"run_name={rep_dir.name}"])
@@ -65,12 +66,16 @@ def _fmt(v) -> str:
 
 
 def format_table(results: dict) -> str:
+    """One column per variant; with two, also their difference."""
     names = list(results)
-    lines = [f"{'metric':32}" + "".join(f"{n:>16}" for n in names) + f"{'difference':>12}", "-" * (32 + 16 * len(names) + 12)]
+    cols = names + (["difference"] if len(names) == 2 else [])
+    widths = [max(12, len(n) + 2) for n in cols]
+    lines = [f"{'metric':36}" + "".join(f"{n:>{w}}" for n, w in zip(cols, widths)), "-" * (36 + sum(widths))]
     for key, label in ROWS:
         vals = [results[n]["metrics"].get(key) for n in names]
-        diff = vals[0] - vals[1] if len(vals) == 2 and None not in vals else None
-        lines.append(f"{label:32}" + "".join(f"{_fmt(v):>16}" for v in vals) + f"{_fmt(diff):>12}")
+        if len(names) == 2:
+            vals.append(vals[0] - vals[1] if None not in vals else None)
+        lines.append(f"{label:36}" + "".join(f"{_fmt(v):>{w}}" for v, w in zip(vals, widths)))
     return "\n".join(lines)
 
 

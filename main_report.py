@@ -9,87 +9,63 @@ val/BLEU_4); ``--eval`` scores eval.split (default test) once, from ``--checkpoi
 (``python``, CPU fine) or ``torchrun``. Outputs under output_dir/run_name/ (see main_pretrain.py), plus
 val/epoch_NNNN/, eval_<split>/ (generated.jsonl, metrics.json, overlays/) and predict/.
 """
+
 from __future__ import annotations
 
 import json
 
-import torch
-
 from datasets.cxr import build_dataset
+from datasets.loaders import eval_loader
+from engine import setup
 from engine.evaluate import generate_and_score
+from engine.predict import predict_images_from_config
 from engine.train import train_epochs
 from models.ssacl import SSACL
-from utils import run
-from utils.checkpoint import load_partial
-from utils.config import save_config
 from utils.dist import cleanup, is_main_process
 
 
 def get_args_parser():
-    p = run.parser("SS-ACL report generation: fine-tune, --eval, --predict")
+    p = setup.parser("SS-ACL report generation: fine-tune, --eval, --predict")
     p.add_argument("--eval", action="store_true", help="score eval.split (default test) with --checkpoint")
     p.add_argument("--checkpoint", default=None, help="SS-ACL checkpoint for --eval / --predict")
     p.add_argument("--predict", nargs="+", default=None, metavar="IMAGE",
                    help="write report, entities and heatmaps for these images (no annotation needed)")
-    p.add_argument("--visualize", action="store_true", help="with --eval: heatmap overlays for every study "
-                   "(default: the first eval.num_visualize)")
+    p.add_argument("--visualize", action="store_true",
+                   help="with --eval: heatmap overlays for every study (default: the first eval.num_visualize)")
     return p
 
 
 def finetune(cfg):
-    info, run_dir, tb = run.setup(cfg)
-    device = info.device
-    train_set = build_dataset(cfg, "train", train=True)
-    val_set = build_dataset(cfg, "val", train=False)
-    print(f"train: {len(train_set)} samples  val: {len(val_set)} samples")
-    inherit = run.checkpoint_tokenizers(cfg.train.pretrained) if cfg.train.pretrained else None
-    text_tok, dec_tok, tok_dirs = run.tokenizers(cfg, [s.report for s in train_set.samples], run_dir, inherit)
-    if is_main_process():
-        save_config(cfg, run_dir / "config.yaml")
-
-    model = SSACL.from_config(cfg, text_tok, dec_tok)
-    if cfg.train.pretrained:
-        state = torch.load(cfg.train.pretrained, map_location="cpu", weights_only=True)
-        print(f"pretrained {cfg.train.pretrained}: {load_partial(model, state)}")
-    model.to(device)
-    print(f"model: {run.count_parameters(model)}; losses {model.weights}")
-    optimizer, scaler = run.build_optimizer(cfg, model, info)
-    ckpt = run.Checkpointer(run_dir, cfg, model, optimizer, scaler, extra={"tokenizers": tok_dirs})
-    start_epoch, start_step = ckpt.resume(cfg.train.resume)
-    run.ensure_location_prior(model, cfg, info)
-    model_ddp = run.wrap_ddp(model, cfg, info)
-    train_loader, val_loader = run.train_loader(train_set, cfg, info), run.eval_loader(val_set, cfg, info)
+    info, run_dir, tb = setup.setup_run(cfg)
+    run = setup.prepare_training(cfg, info, run_dir)
 
     def validate(epoch, step):
-        val = generate_and_score(model_ddp, val_loader, device, cfg, run_dir / "val" / f"epoch_{epoch:04d}",
+        val = generate_and_score(run.model, run.val_loader, info.device, cfg, run_dir / "val" / f"epoch_{epoch:04d}",
                                  tb=tb, epoch=epoch, prefix="val", step=step)
         return {f"val/{k}": v for k, v in val.items()}
 
-    train_epochs(model_ddp, train_loader, optimizer, scaler, cfg, device, ckpt=ckpt, tb=tb, run_dir=run_dir,
-                 start_epoch=start_epoch, start_step=start_step, validate=validate)
+    train_epochs(run, cfg, info.device, tb, run_dir, validate)
     print(f"evaluate on {cfg.eval.split}: python main_report.py --config <this config> --eval "
           f"--checkpoint {run_dir / 'checkpoint-best.pth'}")
     tb.close()
 
 
 def evaluate(cfg, checkpoint, visualize_all: bool):
-    info, run_dir, tb = run.setup(cfg)
-    model = run.model_from_checkpoint(checkpoint, cfg, info.device)
+    info, run_dir, tb = setup.setup_run(cfg)
+    model = SSACL.from_checkpoint(checkpoint, cfg, info.device)
     split = cfg.eval.split
     dataset = build_dataset(cfg, split, train=False)
     print(f"{split}: {len(dataset)} samples")
-    metrics = generate_and_score(model, run.eval_loader(dataset, cfg, info), info.device, cfg,
-                                 run_dir / f"eval_{split}", tb=tb, prefix=split,
-                                 num_visualize=len(dataset) if visualize_all else None)
+    metrics = generate_and_score(model, eval_loader(dataset, cfg, info), info.device, cfg, run_dir / f"eval_{split}",
+                                 tb=tb, prefix=split, num_visualize=len(dataset) if visualize_all else None)
     print(f"wrote {run_dir / f'eval_{split}'}/generated.jsonl and metrics.json")
     tb.close()
     return metrics
 
 
 def predict(cfg, checkpoint, images):
-    from utils.visualize import predict_images_from_config
-    info, run_dir, _ = run.setup(cfg, log=False)
-    model = run.model_from_checkpoint(checkpoint, cfg, info.device)
+    info, run_dir, _ = setup.setup_run(cfg, log=False)
+    model = SSACL.from_checkpoint(checkpoint, cfg, info.device)
     if is_main_process():
         rows = predict_images_from_config(model, images, cfg, run_dir / "predict", info.device)
         for r in rows:
@@ -98,7 +74,7 @@ def predict(cfg, checkpoint, images):
 
 
 def main(args):
-    cfg = run.load_run_config(args)
+    cfg = setup.load_run_config(args)
     if (args.eval or args.predict) and not args.checkpoint:
         raise SystemExit("--eval and --predict need --checkpoint")
     if args.predict:

@@ -30,7 +30,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from datasets.reports import DataError, clean_report, derive_anatomies, load_annotation, validate_record
+from datasets.annotation import DataError, load_annotation, validate_record
+from vocab.anatomy_graph import graph_from_name
+from vocab.labeler import RuleLabeler, finding_anatomies
+from vocab.report_text import clean_report
 
 MEAN, STD = 0.4978, 0.2449
 log = logging.getLogger(__name__)
@@ -162,18 +165,8 @@ def collate(samples: list) -> dict | None:
 
 # ----------------------------------------------------------------------------- building
 
-def graph_from_name(name: str):
-    from models.anatomy_graph import AnatomyGraph, synthetic_graph
-    if name == "default":
-        return AnatomyGraph.default()
-    if name.startswith("synthetic_"):
-        return synthetic_graph(int(name.split("_", 1)[1]))
-    raise ValueError(f"model.graph must be 'default' or 'synthetic_<num_leaves>', got {name!r}")
-
-
 def rule_labels(reports: list[str]) -> np.ndarray:
     """CheXpert labels [N,14] (1, 0, -1, nan) from the project's rule-based labeler."""
-    from utils.metrics.clinical import RuleLabeler  # lazy: only needed for unlabelled records
     return np.asarray(RuleLabeler().label(reports), dtype=np.float64)
 
 
@@ -254,22 +247,3 @@ def _anatomy_mask(rec: dict, report: str, graph, strict: bool = True) -> torch.T
         if unknown:
             raise KeyError(f"unknown anatomy {unknown[0]!r}")
     return graph.leaf_mask(names) if names else torch.zeros(graph.num_leaves, dtype=torch.bool)
-
-
-_LABELER = None
-
-
-def finding_anatomies(report: str, graph) -> list[str]:
-    """Graph nodes named in the report's sentences that state a finding (the rule labeler reads a positive
-    or uncertain observation other than No Finding in them): "small right pleural effusion" gives the right
-    costophrenic angle, "the lungs are clear" gives nothing."""
-    global _LABELER
-    from utils.metrics.clinical import RuleLabeler
-    from utils.metrics.observations import OBSERVATION_INDEX
-    _LABELER = _LABELER or RuleLabeler()
-    found: list[str] = []
-    for sentence in clean_report(report).split(" . "):
-        labels = np.delete(_LABELER.label_one(sentence), OBSERVATION_INDEX["No Finding"])
-        if np.any((labels == 1) | (labels == -1)):
-            found += [n for n in derive_anatomies(sentence, graph) if n not in found]
-    return found

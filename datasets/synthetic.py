@@ -63,7 +63,7 @@ from scipy import ndimage
 from scipy.special import expit
 
 from datasets.synthetic_reports import FINDINGS, SIDES, extra_anatomies, make_report, plan_findings
-from models.anatomy_graph import AnatomyGraph
+from vocab.anatomy_graph import AnatomyGraph
 
 GRAPH = AnatomyGraph.default()
 CLAVICLE_HALF = 0.015                                   # half-thickness: 2 px at 64 px

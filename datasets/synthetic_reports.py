@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from utils.metrics.observations import CHEXPERT_OBSERVATIONS, OBSERVATION_INDEX
+from vocab.observations import CHEXPERT_OBSERVATIONS, OBSERVATION_INDEX
 
 SIDES = ("right", "left")
 ZONES = ("upper", "mid", "lower")

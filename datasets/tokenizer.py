@@ -15,8 +15,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerFast
+
+from utils.dist import barrier, is_main_process
 
 log = logging.getLogger(__name__)
 
@@ -114,3 +118,33 @@ def build_tokenizers(cfg, train_reports, save_dir=None):
     dec_tok = _build_one("decoder_tokenizer", m.decoder.tokenizer, m.decoder.path, train_bpe,
                          texts, m.decoder.vocab_size, save_dir)
     return text_tok, dec_tok
+
+
+TOKENIZER_DIRS = {"text": "tokenizers/text_tokenizer", "decoder": "tokenizers/decoder_tokenizer"}
+
+
+def run_tokenizers(cfg, train_reports, run_dir, inherit: dict | None = None):
+    """The run's tokenizers, saved under run_dir/tokenizers/ so that its checkpoints reload without
+    the data: the run dir's own (resume) > ``inherit`` (folders of the pretraining run, used where the
+    config names none) > cfg.model.*.tokenizer > trained on ``train_reports``. Rank 0 builds, the
+    others load. cfg.model.*.tokenizer then point at the saved folders. Returns
+    (text_tok, decoder_tok, folders relative to the run dir) - the latter go into every checkpoint."""
+    for key, folder in (inherit or {}).items():
+        section = cfg.model.text if key == "text" else cfg.model.decoder
+        if not section.tokenizer:
+            section.tokenizer = str(folder)
+    save_dir = Path(run_dir) / "tokenizers"
+    toks = build_tokenizers(cfg, train_reports, save_dir) if is_main_process() else None
+    barrier()
+    if toks is None:
+        toks = build_tokenizers(cfg, train_reports, save_dir)
+    cfg.model.text.tokenizer = str((Path(run_dir) / TOKENIZER_DIRS["text"]).resolve())
+    cfg.model.decoder.tokenizer = str((Path(run_dir) / TOKENIZER_DIRS["decoder"]).resolve())
+    return toks[0], toks[1], dict(TOKENIZER_DIRS)
+
+
+def checkpoint_tokenizers(path) -> dict[str, Path]:
+    """Tokenizer folders recorded in a checkpoint, resolved against the checkpoint's own folder."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    rel = ckpt.get("extra", {}).get("tokenizers") or TOKENIZER_DIRS
+    return {k: Path(path).resolve().parent / v for k, v in rel.items()}

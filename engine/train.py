@@ -1,69 +1,34 @@
-"""One training epoch (MAE's engine_pretrain shape): AMP, gradient accumulation with ``no_sync``,
-clipping, a per-iteration lr schedule, non-finite loss handling, a progress line and TensorBoard.
+"""Training (MAE's engine_pretrain shape): one epoch of AMP steps with gradient accumulation under
+``no_sync``, clipping, a per-iteration lr schedule and non-finite loss handling; and the epoch loop.
 
-The engine knows nothing of the method: ``losses = model(batch)`` and ``losses["loss"]`` is optimised;
-every other entry is logged.
+The engine knows the model only as ``losses = model(batch)``: ``losses["loss"]`` is optimised and every
+other entry is logged.
 """
+
 from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import itertools
+import json
 import math
 import time
+from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as tdist
 
+from datasets.loaders import to_device
+from engine.optim import autocast, resolve_amp
 from utils import lr_sched
-from utils.dist import is_main_process
+from utils.dist import all_reduce_sum, get_rank, get_world_size, is_main_process
 from utils.logging import MetricLogger, SmoothedValue
-
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-
-
-def resolve_amp(amp: str | torch.dtype | None, device) -> torch.dtype | None:
-    """cfg.train.amp -> autocast dtype, None for fp32. auto: bf16 on a GPU that has it, else fp16; fp32 on CPU."""
-    if amp is None or isinstance(amp, torch.dtype):
-        return amp
-    device = torch.device(device)
-    if amp == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if amp not in AMP_DTYPES:
-        raise ValueError(f"train.amp must be auto|bf16|fp16|fp32, got {amp!r}")
-    return AMP_DTYPES[amp]
-
-
-def autocast(device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
-
-
-def make_scaler(dtype: torch.dtype | None, device) -> torch.amp.GradScaler:
-    """A loss scaler, enabled only for fp16 (bf16 and fp32 need none)."""
-    return torch.amp.GradScaler(torch.device(device).type, enabled=dtype == torch.float16)
-
-
-def to_device(batch: dict, device) -> dict:
-    """Tensors to ``device`` (non_blocking); lists of ids/reports stay where they are."""
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def step_seed(seed: int, rank: int, epoch: int, it: int) -> int:
-    """Torch's randomness in a step (masking, dropout, in-process augmentation) is a pure function of
-    (seed, rank, epoch, iteration), so a run resumed mid-epoch draws what the uninterrupted run drew
-    (fairseq seeds per update the same way). DataLoader workers keep their own seeds."""
-    return (seed * 1_000_003 + rank * 7_919 + epoch * 100_003 + it) % (2 ** 63)
+from utils.seed import step_seed
 
 
 def position_loader(loader, epoch: int, start_step: int):
     """Set the sampler's epoch (its shuffling seed) and skip the first ``start_step`` batches.
 
-    A sampler with ``set_start(n)`` (utils.run.ResumableSampler) skips without loading; any other
+    A sampler with ``set_start(n)`` (datasets.loaders.ResumableSampler) skips without loading; any other
     loader is iterated past the skipped batches. Returns (iterator, batches in the full epoch)."""
     sampler = getattr(loader, "sampler", None)
     if hasattr(sampler, "set_epoch"):
@@ -77,10 +42,9 @@ def position_loader(loader, epoch: int, start_step: int):
     return itertools.islice(iter(loader), start_step, None), num_batches
 
 
-class _seeded:
-    """Yields (iteration, batch), reseeding torch before each batch is fetched: the randomness of
-    loading (in-process augmentation) and of the step is a function of the iteration. Has a length
-    (the progress line's ETA needs one)."""
+class _Seeded:
+    """Yields (iteration, batch), reseeding torch before each batch is fetched, so that loading and
+    the step draw from utils.seed.step_seed. Has a length (the progress line's ETA needs one)."""
 
     def __init__(self, batches, steps: range, seed_fn):
         self.batches, self.steps, self.seed_fn = batches, steps, seed_fn
@@ -98,199 +62,213 @@ class _seeded:
         return len(self.steps)
 
 
-def _reduce(values: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks (one small collective per optimizer step; no-op in one process)."""
-    if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
-        tdist.all_reduce(values)
-    return values
+class AccumulationGroup:
+    """The micro-batches of one optimizer step: their loss terms (summed / accum), losses and ids."""
+
+    def __init__(self):
+        self.keys, self.terms, self.losses, self.ids, self.dropped = None, None, [], [], False
+
+    def add(self, losses: dict, ids: list, accum: int) -> None:
+        self.keys = self.keys or sorted(losses)
+        terms = torch.stack([losses[k].detach().float() for k in self.keys]) / accum
+        self.terms = terms if self.terms is None else self.terms + terms
+        self.losses.append(losses["loss"].detach().float())
+        self.ids.append(list(ids))
 
 
-def _world() -> tuple[int, int]:
-    if tdist.is_available() and tdist.is_initialized():
-        return tdist.get_rank(), tdist.get_world_size()
-    return 0, 1
+@dataclass
+class StepResult:
+    """One optimizer step: loss terms averaged over ranks, samples summed over ranks, and why it was
+    skipped ("" when it stepped)."""
+
+    losses: dict[str, float] = field(default_factory=dict)
+    samples: int = 0
+    skipped: str = ""
+    bad_ids: list | str = field(default_factory=list)
+    grad_norm: float | None = None
+    loss_scale: float | None = None
+
+    def meters(self) -> dict[str, float]:
+        """What the progress line and TensorBoard show of a step that was taken."""
+        out = dict(self.losses) if not self.skipped else {}
+        if self.grad_norm is not None:
+            out["grad_norm"] = self.grad_norm
+        if self.loss_scale is not None:
+            out["loss_scale"] = self.loss_scale
+        return out
+
+
+def optimizer_step(optimizer, scaler, params, clip: float, group: AccumulationGroup) -> StepResult:
+    """Reduce the group's loss terms over ranks (one collective that also carries the non-finite flag and
+    the sample count), then unscale, clip and step; or skip a non-finite step on every rank."""
+    finite = torch.isfinite(torch.stack(group.losses)).tolist()
+    extra = torch.tensor([float(not all(finite)), float(sum(map(len, group.ids)))], device=group.terms.device)
+    stats = all_reduce_sum(torch.cat([group.terms.double(), extra.double()])).tolist()
+    result = StepResult({k: stats[i] / get_world_size() for i, k in enumerate(group.keys)}, int(stats[-1]))
+    if stats[-2] > 0:  # a non-finite loss on some rank: every rank skips
+        optimizer.zero_grad(set_to_none=True)
+        result.skipped = "non-finite loss"
+        result.bad_ids = [i for ok, ids in zip(finite, group.ids) if not ok for i in ids] or "on another rank"
+        return result
+    scaler.unscale_(optimizer)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+    if not math.isfinite(grad_norm) and not scaler.is_enabled():
+        optimizer.zero_grad(set_to_none=True)
+        result.skipped, result.bad_ids = "non-finite gradient norm", "all"
+        return result
+    scaler.step(optimizer)  # with fp16 the scaler itself skips a step with inf/nan gradients
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    result.grad_norm = grad_norm if math.isfinite(grad_norm) else None
+    result.loss_scale = scaler.get_scale() if scaler.is_enabled() else None
+    return result
 
 
 def train_one_epoch(model, loader, optimizer, scaler, epoch: int, cfg, device, tb=None,
                     start_step: int = 0, on_step=None, print_fn=print) -> dict:
     """Train ``epoch`` from batch ``start_step`` on (a multiple of ``cfg.optim.accum_iter``).
 
-    The global optimizer step is ``epoch * steps_per_epoch + step in epoch`` (skipped non-finite steps
-    count), so logs and checkpoints line up across resumes. ``on_step(epoch, batches_done, global_step)``
-    runs after every optimizer step (mid-epoch checkpoints). Returns the epoch's averaged stats.
-    """
+    The global optimizer step is ``epoch * steps_per_epoch + step in epoch`` (skipped steps count), so
+    logs and checkpoints line up across resumes. ``on_step(epoch, batches_done, global_step)`` runs after
+    every optimizer step (mid-epoch checkpoints). Returns the epoch's averaged stats."""
     model.train()
-    rank, world = _world()
-    accum = max(1, cfg.optim.accum_iter)
-    dtype = resolve_amp(cfg.train.amp, device)
-    clip = cfg.optim.clip_grad if cfg.optim.clip_grad and cfg.optim.clip_grad > 0 else math.inf
-    ddp = hasattr(model, "no_sync")
-    base_lr = lr_sched.effective_lr(cfg, world)  # optim.lr, or blr * effective batch / 256
+    accum, dtype = max(1, cfg.optim.accum_iter), resolve_amp(cfg.train.amp, device)
+    clip = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else math.inf
+    base_lr = lr_sched.effective_lr(cfg, get_world_size())
     params = [p for p in model.parameters() if p.requires_grad]
-    if start_step % accum:
-        raise ValueError(f"start_step {start_step} is not a multiple of optim.accum_iter {accum}")
-
     batches, num_batches = position_loader(loader, epoch, start_step)
-    steps_per_epoch = num_batches // accum
-    total = steps_per_epoch * accum  # a trailing partial accumulation group is dropped
-    if steps_per_epoch == 0:
-        raise ValueError(f"epoch has {num_batches} batches, fewer than optim.accum_iter={accum}: "
-                         f"lower data.batch_size or accum_iter")
-
+    steps_per_epoch = _steps_per_epoch(num_batches, accum, start_step)
     logger = MetricLogger(delimiter="  ")
     logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.2e}"))
     logger.add_meter("samples/s", SmoothedValue(window_size=20, fmt="{avg:.1f}"))
-    header = f"Epoch: [{epoch}]"
-    agree_empty = world > 1 and cfg.data.skip_bad  # an empty batch on one rank must skip on all
-    nonfinite, dropped_steps, seen = 0, 0, 0
-    keys, group, micro_losses, micro_ids, dropped = None, None, [], [], False
-    optimizer.zero_grad(set_to_none=True)
-    t_step = time.time()
+    header, counts, t_step = f"Epoch: [{epoch}]", {"nonfinite": 0, "dropped_steps": 0, "samples": 0}, time.time()
+    seeded = _Seeded(batches, range(start_step, steps_per_epoch * accum),
+                     lambda it: step_seed(cfg.seed, get_rank(), epoch, it))
 
-    seeded = _seeded(batches, range(start_step, total), lambda it: step_seed(cfg.seed, rank, epoch, it))
     for it, batch in logger.log_every(seeded, cfg.train.print_freq, header):
-        micro = it % accum
-        last = micro == accum - 1
-        if micro == 0:  # per-iteration schedule at the fractional epoch
+        if it % accum == 0:  # per-iteration schedule at the fractional epoch
             lr_sched.adjust_learning_rate(optimizer, epoch + it / num_batches, base_lr, cfg.optim.min_lr,
                                           cfg.optim.warmup_epochs, cfg.optim.epochs)
-            group, micro_losses, micro_ids, dropped = None, [], [], False
-        global_step = epoch * steps_per_epoch + it // accum + 1
-        # collate returns None when every sample of a batch was unreadable (data.skip_bad): that
-        # accumulation group is dropped, on every rank.
-        empty = batch is None
-        if agree_empty and not dropped:
-            empty = _reduce(torch.tensor([float(empty)], device=device)).item() > 0
-        dropped = dropped or empty
-        if not dropped:
+            group = AccumulationGroup()
+        last = it % accum == accum - 1
+        group.dropped = group.dropped or _empty_on_any_rank(batch, cfg.data.skip_bad, device)
+        if not group.dropped:
             batch = to_device(batch, device)
-            sync = model.no_sync() if ddp and not last else contextlib.nullcontext()
+            sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
             with sync:
                 with autocast(device, dtype):
                     losses = model(batch)
-                loss = losses["loss"]
-                # Always backward, even a non-finite loss, so that every rank runs the same collectives.
-                scaler.scale(loss / accum).backward()
-            keys = keys or sorted(losses)
-            terms = torch.stack([losses[k].detach().float() for k in keys]) / accum
-            group = terms if group is None else group + terms
-            micro_losses.append(loss.detach().float())
-            micro_ids.append(list(batch["id"]))
+                # always backward, even a non-finite loss, so that every rank runs the same collectives
+                scaler.scale(losses["loss"] / accum).backward()
+            group.add(losses, batch["id"], accum)
         if not last:
             continue
 
-        lr = optimizer.param_groups[0]["lr"]
-        scalars = {"train/lr": lr}
-        if dropped:
+        global_step = epoch * steps_per_epoch + it // accum + 1
+        if group.dropped:
             optimizer.zero_grad(set_to_none=True)
-            dropped_steps += 1
-            print_fn(f"WARNING: step {global_step} skipped: a batch had no readable sample (data.skip_bad)")
+            result = StepResult(skipped="a batch had no readable sample (data.skip_bad)")
         else:
-            scalars.update(_optimizer_step(model, optimizer, scaler, params, clip, keys, group, micro_losses,
-                                           micro_ids, world, logger))
-            seen += int(scalars["train/samples"])
-            ids, terms = scalars.pop("ids", None), scalars.pop("terms", None)
-            if scalars.pop("nonfinite_step", False):
-                nonfinite += 1
-                where = (f"non-finite loss at global step {global_step} (epoch {epoch}, batch {it}); "
-                         f"batch ids: {ids or 'on another rank'}")
-                if cfg.train.nonfinite == "stop":
-                    raise FloatingPointError(f"{where}; loss terms: {terms}")
-                print_fn(f"WARNING: step skipped: {where}")
-                if nonfinite > cfg.train.max_nonfinite:
-                    raise FloatingPointError(f"{nonfinite} non-finite steps in epoch {epoch} "
-                                             f"(train.max_nonfinite={cfg.train.max_nonfinite}); last: {where}")
-        now = time.time()
-        samples_s = scalars.pop("train/samples", 0) / max(now - t_step, 1e-9)
-        t_step = now
-        logger.update(lr=lr, **{"samples/s": samples_s})
+            result = optimizer_step(optimizer, scaler, params, clip, group)
+        _account(result, counts, cfg.train, f"global step {global_step} (epoch {epoch}, batch {it})", print_fn)
+        lr, now = optimizer.param_groups[0]["lr"], time.time()
+        samples_s, t_step = result.samples / max(now - t_step, 1e-9), now
+        logger.update(lr=lr, **{"samples/s": samples_s}, **result.meters())
         if tb is not None:
-            scalars.update({"train/samples_per_s": samples_s, "train/nonfinite": nonfinite})
-            if torch.device(device).type == "cuda":
-                scalars["train/gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-            tb.add_scalars(scalars, global_step)
+            scalars = {**result.meters(), "lr": lr, "samples_per_s": samples_s, "nonfinite": counts["nonfinite"],
+                       **_gpu_memory(device)}
+            tb.add_scalars({f"train/{k}": v for k, v in scalars.items()}, global_step)
         if on_step is not None:
             on_step(epoch, it + 1, global_step)
 
     logger.synchronize_between_processes()
     out = {k: m.global_avg for k, m in logger.meters.items() if m.count}
-    out.update(nonfinite=nonfinite, dropped_steps=dropped_steps, samples=seen,
-               global_step=(epoch + 1) * steps_per_epoch, steps_per_epoch=steps_per_epoch)
+    out.update(counts, global_step=(epoch + 1) * steps_per_epoch, steps_per_epoch=steps_per_epoch)
     out.update(_bad_counts(getattr(loader, "dataset", None), device, print_fn))
-    print_fn(f"{header} done: {logger}  non-finite steps: {nonfinite}  dropped steps: {dropped_steps}")
+    print_fn(f"{header} done: {logger}  non-finite steps: {counts['nonfinite']}  "
+             f"dropped steps: {counts['dropped_steps']}")
     return out
 
 
-def _optimizer_step(model, optimizer, scaler, params, clip, keys, group, micro_losses, micro_ids, world,
-                    logger) -> dict:
-    """Reduce the group's loss terms over ranks (one collective that also carries the non-finite flag and
-    the sample count), then clip and step, or skip a non-finite step on every rank. Returns TB scalars;
-    "nonfinite_step", "ids" and "terms" describe a skipped step."""
-    finite = torch.isfinite(torch.stack(micro_losses)).tolist()
-    local_bad = not all(finite)
-    extra = torch.tensor([float(local_bad), float(sum(len(i) for i in micro_ids))], device=group.device)
-    stats = _reduce(torch.cat([group.double(), extra.double()])).tolist()
-    means = {k: stats[i] / world for i, k in enumerate(keys)}
-    out = {"train/samples": stats[-1]}
-    if stats[-2] > 0:  # a non-finite loss on some rank: every rank skips
-        optimizer.zero_grad(set_to_none=True)
-        out.update({"nonfinite_step": True, "terms": means,
-                    "ids": [i for ok, ids in zip(finite, micro_ids) if not ok for i in ids]})
-        return out
-    scaler.unscale_(optimizer)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-    if not math.isfinite(grad_norm) and not scaler.is_enabled():
-        optimizer.zero_grad(set_to_none=True)
-        out.update({"nonfinite_step": True, "terms": means, "ids": "non-finite gradient norm"})
-        return out
-    scaler.step(optimizer)  # with fp16 the scaler itself skips a step with inf/nan gradients
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    logger.update(**means)
-    out.update({f"train/{k}": v for k, v in means.items()})
-    if math.isfinite(grad_norm):
-        logger.update(grad_norm=grad_norm)
-        out["train/grad_norm"] = grad_norm
-    if scaler.is_enabled():
-        out["train/loss_scale"] = scaler.get_scale()
-    return out
+def _steps_per_epoch(num_batches: int, accum: int, start_step: int) -> int:
+    """Optimizer steps in an epoch (a trailing partial accumulation group is dropped)."""
+    if start_step % accum:
+        raise ValueError(f"start_step {start_step} is not a multiple of optim.accum_iter {accum}")
+    if num_batches < accum:
+        raise ValueError(f"epoch has {num_batches} batches, fewer than optim.accum_iter={accum}: "
+                         f"lower data.batch_size or accum_iter")
+    return num_batches // accum
+
+
+def _empty_on_any_rank(batch, skip_bad: bool, device) -> bool:
+    """collate gives None when every sample of a batch was unreadable (data.skip_bad): that accumulation
+    group is dropped, on every rank."""
+    empty = batch is None
+    if skip_bad and get_world_size() > 1:
+        empty = all_reduce_sum(torch.tensor([float(empty)], device=device)).item() > 0
+    return empty
+
+
+def _account(result: StepResult, counts: dict, train_cfg, where: str, print_fn) -> None:
+    """Count the step's samples and skips; a non-finite step stops the run under train.nonfinite=stop or
+    after train.max_nonfinite of them in one epoch."""
+    counts["samples"] += result.samples
+    if not result.skipped:
+        return
+    if not result.skipped.startswith("non-finite"):
+        counts["dropped_steps"] += 1
+        print_fn(f"WARNING: {where} skipped: {result.skipped}")
+        return
+    counts["nonfinite"] += 1
+    what = f"{result.skipped} at {where}; batch ids: {result.bad_ids}"
+    if train_cfg.nonfinite == "stop":
+        raise FloatingPointError(f"{what}; loss terms: {result.losses}")
+    print_fn(f"WARNING: step skipped: {what}")
+    if counts["nonfinite"] > train_cfg.max_nonfinite:
+        raise FloatingPointError(f"{counts['nonfinite']} non-finite steps in one epoch "
+                                 f"(train.max_nonfinite={train_cfg.max_nonfinite}); last: {what}")
+
+
+def _gpu_memory(device) -> dict[str, float]:
+    if torch.device(device).type != "cuda":
+        return {}
+    return {"gpu_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30}
 
 
 def _bad_counts(dataset, device, print_fn) -> dict:
-    """The dataset's skipped inputs (datasets' skip_bad): load-time counts are the same on every rank,
+    """The dataset's skipped inputs (data.skip_bad): load-time counts are the same on every rank,
     unreadable images are summed over ranks."""
     if not hasattr(dataset, "bad_counts"):
         return {}
     counts = dict(dataset.bad_counts())
     if "unreadable_image" in counts:
-        t = _reduce(torch.tensor([float(counts["unreadable_image"])], device=device))
-        counts["unreadable_image"] = int(t.item())
+        total = all_reduce_sum(torch.tensor([float(counts["unreadable_image"])], device=device))
+        counts["unreadable_image"] = int(total.item())
     if any(counts.values()):
         print_fn("skipped bad inputs: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v))
-        summary = dataset.bad_summary() if hasattr(dataset, "bad_summary") else ""
-        if summary:
-            print_fn(summary)
+        if dataset.bad_summary():
+            print_fn(dataset.bad_summary())
     return {f"bad_{k}": v for k, v in counts.items()}
 
 
-def train_epochs(model, loader, optimizer, scaler, cfg, device, *, ckpt, tb, run_dir, start_epoch: int,
-                 start_step: int, validate) -> None:
-    """The epoch loop of both entry points: train, ``validate(epoch, step) -> metrics`` every
-    ``train.eval_every`` epochs (and after the last), checkpoint, append to log_stats.jsonl."""
-    print(f"start training at epoch {start_epoch} (batch {start_step}) of {cfg.optim.epochs}")
-    t0 = time.time()
-    for epoch in range(start_epoch, cfg.optim.epochs):
-        stats = train_one_epoch(model, loader, optimizer, scaler, epoch, cfg, device, tb=tb,
-                                start_step=start_step, on_step=ckpt.on_step)
+def train_epochs(run, cfg, device, tb, run_dir, validate) -> None:
+    """The epoch loop of every entry point over a ``engine.setup.TrainingRun``: train, ``validate(epoch,
+    step) -> metrics`` every ``train.eval_every`` epochs (and after the last), checkpoint, and append the
+    epoch's stats to log_stats.jsonl."""
+    print(f"start training at epoch {run.start_epoch} (batch {run.start_step}) of {cfg.optim.epochs}")
+    t0, start_step = time.time(), run.start_step
+    for epoch in range(run.start_epoch, cfg.optim.epochs):
+        stats = train_one_epoch(run.model, run.train_loader, run.optimizer, run.scaler, epoch, cfg, device, tb=tb,
+                                start_step=start_step, on_step=run.checkpointer.on_step)
         start_step, step = 0, stats["global_step"]
         metrics = {}
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.optim.epochs:
             metrics = validate(epoch, step)
-        ckpt.end_epoch(epoch, step, metrics)
+        run.checkpointer.end_epoch(epoch, step, metrics)
         if is_main_process():
             with open(run_dir / "log_stats.jsonl", "a") as f:
-                f.write(json.dumps({"epoch": epoch, "step": step, **{f"train/{k}": v for k, v in stats.items()},
-                                    **metrics}) + "\n")
+                train_stats = {f"train/{k}": v for k, v in stats.items()}
+                f.write(json.dumps({"epoch": epoch, "step": step, **train_stats, **metrics}) + "\n")
         tb.flush()
     print(f"training time {datetime.timedelta(seconds=int(time.time() - t0))}; "
-          f"best {cfg.train.best_metric}: {ckpt.best}; checkpoints in {run_dir}")
+          f"best {cfg.train.best_metric}: {run.checkpointer.best}; checkpoints in {run_dir}")

@@ -5,7 +5,7 @@ shown as its heatmap). A leaf's anatomy logit reads only its own evidence, throu
 all leaves plus a per-leaf bias: "is there a finding in what I look at". A shared scorer cannot
 tell leaves apart, so the only way to fit the targets is for each leaf query to attend to its own
 region (multiple-instance learning; this is what makes the heatmaps point without boxes).
-Observations (14 CheXpert, order of utils/metrics/observations.py) are read from
+Observations (14 CheXpert, order of vocab/observations.py) are read from
 [CLS, mean patch, max over leaves of the leaf evidence]. Targets: the batch's "labels" [B,14] and
 "anatomies" [B,25] (the leaves of the report's findings).
 """
@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.metrics.observations import CHEXPERT_OBSERVATIONS
+from vocab.observations import CHEXPERT_OBSERVATIONS
 
 NO_FINDING = "No Finding"
 SUPPORT_DEVICES = "Support Devices"

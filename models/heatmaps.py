@@ -2,20 +2,15 @@
 
 attn [B,Q,L] (heads averaged, from the UNMASKED ViT pass) -> patch grid -> bilinear upsampling to
 the image -> Gaussian blur (smooths the patch-grid blockiness) -> min-max to [0,1] per map.
-Sentences are grounded through the anatomies they mention (datasets/reports.py's phrase table):
-a sentence's heatmap is the mean of its leaves' heatmaps.
+A sentence's heatmap is the mean of the heatmaps of the leaves it mentions (vocab/report_text.py).
 """
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 import torch.nn.functional as F
 
-from datasets.reports import derive_anatomies
-
-_SENTENCE_END = re.compile(r"[.?!;]+(?:\s+|$)")  # the sentence split of datasets/reports.py
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -64,24 +59,6 @@ def leaf_heatmaps(attn: torch.Tensor, grid: tuple[int, int], image_size, sigma: 
     maps = attn.float().reshape(B, Q, h, w)
     maps = F.interpolate(maps, size=(H, W), mode="bilinear", align_corners=False)
     return normalize_maps(gaussian_blur(maps, sigma))
-
-
-attention_heatmaps = leaf_heatmaps  # name used by models/ssacl.py
-
-
-def split_sentences(report: str) -> list[str]:
-    """Sentences of a report (raw or cleaned: "a . b ." -> ["a", "b"]), text kept as written."""
-    return [s.strip() for s in _SENTENCE_END.split(report) if s.strip()]
-
-
-def sentence_anatomies(report: str, graph) -> list[tuple[str, list[str]]]:
-    """``[(sentence, [leaf names it mentions])]``: mentioned nodes expanded to the leaves under them
-    (e.g. "left lung" -> its 7 zones), graph leaf order; [] for a sentence naming no anatomy."""
-    out = []
-    for sent in split_sentences(report):
-        leaves = {leaf for node in derive_anatomies(sent, graph) for leaf in graph.leaves_under(node)}
-        out.append((sent, [n for n in graph.leaf_names if n in leaves]))
-    return out
 
 
 def sentence_heatmap(heatmaps: torch.Tensor, leaves: list[str], graph) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.anatomy_graph import AnatomyGraph
+from vocab.anatomy_graph import AnatomyGraph
 from models.vit import Block, init_weights
 
 

@@ -16,9 +16,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, DynamicCache, GPT2Config, GPT2LMHeadModel
 
-from models.entity_head import format_prompt
-
 IGNORE = -100
+DECODING_KEYS = ("beam_size", "max_new_tokens", "min_new_tokens", "repetition_penalty", "length_penalty")
+
+
+def decoding_options(eval_cfg) -> dict:
+    """``ReportDecoder.generate``'s options from ``cfg.eval``."""
+    return {k: eval_cfg[k] for k in DECODING_KEYS}
+
+
+def visual_prefix(leaf_tokens: torch.Tensor, cls: torch.Tensor, patches: torch.Tensor,
+                  leaves_shown: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LM's visual tokens [B, K + 1 + L, D] = [leaf tokens, CLS, patches] and their attention mask
+    (a leaf token only where ``leaves_shown`` [B, K] says so; CLS and patches always)."""
+    visual = torch.cat([leaf_tokens, cls[:, None], patches], dim=1)
+    rest = leaves_shown.new_ones(leaves_shown.shape[0], 1 + patches.shape[1])
+    return visual, torch.cat([leaves_shown.bool(), rest.bool()], dim=1)
 
 
 def build_lm(path: str | None, tokenizer, n_embd: int = 768, n_layer: int = 12, n_head: int = 12,
@@ -271,24 +284,3 @@ def build_report_decoder(cfg_decoder, tokenizer, visual_dim: int) -> ReportDecod
     if c.lora.enabled:  # LoRA: the base LM is frozen, only the adapters train
         lm = apply_lora(lm, c.lora.r, c.lora.alpha, c.lora.dropout, c.lora.target_modules)
     return ReportDecoder(lm, tokenizer, visual_dim, max_report_tokens=c.max_report_tokens)
-
-
-@torch.no_grad()
-def generate_from_image(decoder: ReportDecoder, entity_head, cls: torch.Tensor, leaf_tokens: torch.Tensor,
-                        patches: torch.Tensor, local: torch.Tensor, leaf_attn: torch.Tensor, leaf_names,
-                        threshold: float = 0.5, **gen_kwargs) -> list[dict]:
-    """Reports from image tokens alone (the test-time path of SSACL.generate).
-
-    The entity head predicts the observations (-> prompt) and the anatomy leaves (-> which leaf tokens
-    the decoder sees); nothing here can read a reference report, label or anatomy set.
-    Returns ``[{"report", "entities", "anatomies"}]`` per row.
-    """
-    obs_logits, anat_logits = entity_head(cls, patches, local, leaf_attn)
-    entities, anat_mask = entity_head.predict(obs_logits, anat_logits, threshold)
-    visual = torch.cat([leaf_tokens, cls[:, None], patches], 1)
-    rest = anat_mask.new_ones(anat_mask.shape[0], 1 + patches.shape[1])
-    reports = decoder.generate(visual, torch.cat([anat_mask, rest], 1), [format_prompt(e) for e in entities],
-                               **gen_kwargs)
-    leaves = anat_mask.tolist()
-    return [{"report": r, "entities": e, "anatomies": [n for n, on in zip(leaf_names, m) if on]}
-            for r, e, m in zip(reports, entities, leaves)]

@@ -1,31 +1,42 @@
-"""SS-ACL: composes the anatomy-query ViT, the text encoder, the four self-supervised losses and the
-report generator. ``forward(batch)`` returns the named losses and their weighted total.
+"""SS-ACL: composes the anatomy-query ViT, the text encoder, the self-supervised losses and the report
+generator. ``forward(batch)`` returns the named losses and their weighted total; ``generate(batch)`` and
+``heatmaps(images)`` read the image alone.
 
-Per step (only what the enabled losses need is run):
-  text encoder on the 25 leaf names -> linear -> leaf queries; node queries = averaging matrix @ leaves
-  unmasked ViT pass (with gradient): leaf / CLS / patch tokens -> ACA, LM prefix, and (detached) the
-      region-reconstruction target; leaf attention maps + stem tokens + CLS + patches -> entity head
-  masked ViT pass (mask_ratio): MAE, contrastive and region-reconstruction predictions
-  text encoder on the reports: pooled vectors for the contrastive loss and (detached) the ACA target
+One training step runs only what the enabled losses (weight > 0) need:
+  queries     text encoder on the leaf names -> linear -> leaf queries [K, D]; node queries [N, D]
+  unmasked    ViT pass with every query -> ACA, entity head, LM prefix, region target (detached)
+  masked      ViT pass with mask_ratio -> MAE, contrastive, region prediction
+  reports     text encoder on the reports -> pooled vectors [B, Dt] for contrastive and ACA
 A loss whose weight is 0 is neither built nor computed (DDP then sees no unused parameter).
 """
+
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from datasets.tokenizer import checkpoint_tokenizers, load_tokenizer
 from models.alignment import AnatomicalConsistency, ImageReportContrastive
-from models.anatomy_graph import AnatomyGraph, graph_from_name
 from models.entity_head import EntityHead, format_prompt
-from models.location_prior import prior_bias, rest_loss
+from models.heatmaps import leaf_heatmaps
+from models.location_prior import estimate_location_prior, prior_bias, rest_loss
 from models.mae import MAEDecoder
 from models.region_recon import RegionDecoder
-from models.report_decoder import build_report_decoder, generate_from_image
+from models.report_decoder import build_report_decoder, visual_prefix
 from models.text_encoder import TextEncoder
 from models.vit import VisionTransformer
+from utils.checkpoint import count_parameters
+from utils.config import differences, with_defaults
+from vocab.anatomy_graph import AnatomyGraph, graph_from_name
 
 LOSSES = ("mae", "con", "region", "aca", "entity", "lm", "rest")
-PRIOR_GAIN = 5.0    # leaf_spatial_prior is learned in units of 1/5 logit
+PRIOR_GAIN = 5.0  # leaf_spatial_prior is learned in units of 1/5 logit
+UNMASKED_LOSSES = {"region", "aca", "entity", "lm", "rest"}
+MASKED_LOSSES = {"mae", "con", "region"}
+REPORT_LOSSES = {"con", "aca"}
+ATTENTION_LOSSES = {"entity", "rest"}
 
 
 class SSACL(nn.Module):
@@ -39,14 +50,13 @@ class SSACL(nn.Module):
         self.vit, self.text_encoder, self.graph = vit, text_encoder, graph
         self.mask_ratio, self.threshold = mask_ratio, threshold
         self.query_proj = nn.Linear(text_encoder.hidden_size, vit.embed_dim)
-        # learned per-leaf query embedding (init 0): leaf names that read alike ("left/right lower lung
-        # zone") would otherwise give near-identical queries that attend alike
+        # per-leaf query embedding (init 0): names that read alike would otherwise attend alike
         self.leaf_query_embed = nn.Parameter(torch.zeros(graph.num_leaves, vit.embed_dim))
-        # optional learned spatial prior (init 0): per-leaf attention logits over the patch grid
-        self.leaf_spatial_prior = (nn.Parameter(torch.zeros(graph.num_leaves, vit.num_patches))
-                                   if spatial_prior else None)
-        # optional report-derived location prior (models/location_prior.py): a fixed [K, L] distribution,
-        # all zeros until estimated from the training data (saved in checkpoints)
+        # optional learned per-leaf attention logits over the patch grid [K, L] (init 0)
+        self.leaf_spatial_prior = (
+            nn.Parameter(torch.zeros(graph.num_leaves, vit.num_patches)) if spatial_prior else None
+        )
+        # optional report-derived location prior [K, L]: zeros until estimated (fit_location_prior)
         self.location_prior_gain = location_prior_gain
         if location_prior:
             self.register_buffer("location_prior", torch.zeros(graph.num_leaves, vit.num_patches))
@@ -66,30 +76,30 @@ class SSACL(nn.Module):
         ids, attn = text_encoder.tokenize(graph.leaf_names)
         self.register_buffer("leaf_ids", ids, persistent=False)
         self.register_buffer("leaf_attn", attn, persistent=False)
-        self.register_buffer("averaging", graph.averaging_matrix.clone(), persistent=False)  # [nodes, leaves]
+        self.register_buffer("averaging", graph.averaging_matrix.clone(), persistent=False)  # [N, K]
         self.register_buffer("leaf_node_index", graph.leaf_node_index, persistent=False)
 
     @classmethod
-    def from_config(cls, cfg, text_tokenizer, decoder_tokenizer, graph: AnatomyGraph | None = None) -> "SSACL":
+    def from_config(cls, cfg, text_tokenizer, decoder_tokenizer, graph: AnatomyGraph | None = None) -> SSACL:
         graph = graph or graph_from_name(cfg.model.graph)
         m, w, v, al = cfg.model, cfg.loss, cfg.model.vit, cfg.model.align
-        vit = VisionTransformer(cfg.data.image_size, v.patch_size, v.embed_dim, v.depth, v.num_heads, v.mlp_ratio,
-                                stem=v.stem)
-        init = cfg.train.get("init") or v.init
-        if init:
-            print(f"ViT init from {init}: {vit.load_mae_checkpoint(init)}")
+        vit = VisionTransformer(cfg.data.image_size, v.patch_size, v.embed_dim, v.depth, v.num_heads,
+                                v.mlp_ratio, stem=v.stem)
+        if v.init:
+            print(f"ViT init from {v.init}: {vit.load_mae_checkpoint(v.init)}")
         text = TextEncoder.from_config(m.text, text_tokenizer)
         D, K = v.embed_dim, graph.num_leaves
+        mae = m.mae
         return cls(
-            vit, text, graph, weights={k: w[k] for k in LOSSES}, mask_ratio=m.mae.mask_ratio,
+            vit, text, graph, weights={k: w[k] for k in LOSSES}, mask_ratio=mae.mask_ratio,
             threshold=m.entity.threshold,
-            mae_decoder=MAEDecoder(vit.grid, v.patch_size, 3, D, m.mae.decoder_dim, m.mae.decoder_depth,
-                                   m.mae.decoder_heads, v.mlp_ratio, m.mae.norm_pix_loss) if w.mae else None,
+            mae_decoder=MAEDecoder(vit.grid, v.patch_size, 3, D, mae.decoder_dim, mae.decoder_depth,
+                                   mae.decoder_heads, v.mlp_ratio, mae.norm_pix_loss) if w.mae else None,
             contrastive=ImageReportContrastive(D, text.hidden_size, vit.num_patches, al.temperature,
                                                al.max_logit_scale) if w.con else None,
-            region_decoder=RegionDecoder.from_graph(graph, D, decoder_dim=m.region.decoder_dim,
-                                                    depth=m.region.decoder_depth, num_heads=m.region.decoder_heads,
-                                                    mlp_ratio=v.mlp_ratio) if w.region else None,
+            region_decoder=RegionDecoder.from_graph(
+                graph, D, decoder_dim=m.region.decoder_dim, depth=m.region.decoder_depth,
+                num_heads=m.region.decoder_heads, mlp_ratio=v.mlp_ratio) if w.region else None,
             aca=AnatomicalConsistency(al.aca_identity_weight, al.aca_temperature,
                                       al.aca_text_temperature) if w.aca else None,
             entity_head=EntityHead(D, 14, K, m.entity.hidden_dim) if w.entity else None,
@@ -97,7 +107,35 @@ class SSACL(nn.Module):
             spatial_prior=m.spatial_prior, location_prior=m.location_prior.enabled,
             location_prior_gain=m.location_prior.gain)
 
-    # ------------------------------------------------------------------ queries
+    @classmethod
+    def from_checkpoint(cls, path, cfg, device) -> SSACL:
+        """The SSACL of a checkpoint, for evaluation / prediction: architecture (model, loss weights, image
+        size) and tokenizers from the checkpoint and its run dir, weights loaded strictly. ``cfg`` is updated
+        in place with those sections (data paths and eval settings stay the caller's); a model key newer
+        than the checkpoint takes its default."""
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        saved, source = ckpt["config"], f"{path} (its stored config)"
+        stored = {"model": with_defaults("model", saved["model"], source),
+                  "loss": with_defaults("loss", saved["loss"], source)}
+        ignored = differences({k: cfg[k] for k in stored}, stored)
+        if ignored:
+            print(f"{path}: the checkpoint's model and loss settings are used; ignored: "
+                  + ", ".join(f"{k}={mine!r} (checkpoint: {theirs!r})" for k, mine, theirs in ignored))
+        cfg.model, cfg.loss = stored["model"], stored["loss"]
+        cfg.data.image_size = saved["data"]["image_size"]
+        cfg.model.vit.init = None  # the checkpoint holds the weights
+        folders = checkpoint_tokenizers(path)
+        model = cls.from_config(cfg, load_tokenizer(folders["text"]), load_tokenizer(folders["decoder"]))
+        model.load_state_dict(ckpt["model"])
+        print(f"loaded {Path(path)} (epoch {ckpt.get('epoch')}, step {ckpt.get('step')}): "
+              f"{count_parameters(model)}")
+        return model.to(device)
+
+    # ------------------------------------------------------------------ queries and priors
+    @property
+    def leaf_names(self) -> tuple[str, ...]:
+        return self.graph.leaf_names
+
     def leaf_queries(self) -> torch.Tensor:
         """[K, D]: the text encoder's pooled embedding of each leaf name, projected to the ViT width,
         plus the leaf's learned query embedding."""
@@ -105,118 +143,128 @@ class SSACL(nn.Module):
         return self.query_proj(pooled) + self.leaf_query_embed
 
     def node_queries(self, leaf_queries: torch.Tensor) -> torch.Tensor:
-        """[num_nodes, D]: every inner node the mean of its children, as one matmul."""
+        """[N, D]: every inner node the mean of its children, as one matmul."""
         return self.averaging.to(leaf_queries.dtype) @ leaf_queries
 
     @property
     def needs_location_prior(self) -> bool:
-        """True when the location prior is on but not estimated yet (utils.run.ensure_location_prior)."""
+        """True when the location prior is on but not estimated yet."""
         return self.location_prior is not None and not bool(self.location_prior.any())
 
+    @torch.no_grad()
+    def fit_location_prior(self, batches) -> None:
+        """Estimate the location prior from training batches ("image", "anatomies"), summed over ranks."""
+        prior = estimate_location_prior(batches, self.graph.num_leaves, self.vit.img_size,
+                                        self.vit.patch_size, self.location_prior.device)
+        self.location_prior.copy_(prior)
+
+    def prior_heatmaps(self, image_size: tuple[int, int]) -> torch.Tensor | None:
+        """[1, K, H, W]: the location prior drawn as heatmaps (the same for every image); None when off."""
+        if self.location_prior is None:
+            return None
+        return leaf_heatmaps(self.location_prior[None].float().cpu(), self.vit.grid, image_size)
+
     def query_bias(self, all_nodes: bool = False) -> torch.Tensor | None:
-        """The spatial priors as ViT ``query_bias``: [K, L] for the leaves, [num_nodes, L] (children
-        averaged) for every node; None when both are off. The learned one is scaled by PRIOR_GAIN so Adam
-        moves it at logit pace; the report-derived one adds ``prior_bias`` once estimated."""
+        """The spatial priors as ViT ``query_bias``: [K, L] for the leaves, [N, L] (children averaged)
+        for every node; None when both are off. The learned one is scaled by PRIOR_GAIN so Adam moves it
+        at logit pace; the report-derived one adds ``prior_bias`` once estimated."""
         terms = []
         if self.leaf_spatial_prior is not None:
             terms.append(PRIOR_GAIN * self.leaf_spatial_prior)
-        if self.location_prior is not None:  # estimated before training (utils.run.ensure_location_prior)
+        if self.location_prior is not None:
             terms.append(prior_bias(self.location_prior, self.location_prior_gain))
         if not terms:
             return None
         bias = sum(terms)
         return self.averaging.to(bias.dtype) @ bias if all_nodes else bias
 
-    def _anatomies(self, batch, B: int, device) -> torch.Tensor:
+    def _finding_leaves(self, batch, batch_size: int, device) -> torch.Tensor:
         """[B, K] bool: the leaves of each report's findings (all False for a normal study)."""
-        anat = batch.get("anatomies")
-        K = self.graph.num_leaves
-        if anat is None or anat.shape[-1] != K:
-            return torch.zeros(B, K, dtype=torch.bool, device=device)
-        return anat.to(device).bool()
+        anatomies = batch.get("anatomies")
+        if anatomies is None or anatomies.shape[-1] != self.graph.num_leaves:
+            return torch.zeros(batch_size, self.graph.num_leaves, dtype=torch.bool, device=device)
+        return anatomies.to(device).bool()
 
     # ------------------------------------------------------------------ training
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         images = batch["image"]
-        B, on = images.shape[0], self.weights
-        if "lm" in on:  # teacher forcing: the prompt of the reference labels (reads them before any GPU work is queued)
+        B, enabled = images.shape[0], self.weights.keys()
+        if "lm" in enabled:  # the reference labels' prompt, read before any GPU work is queued
             labels = batch.get("labels")
             prompts = EntityHead.prompt(labels, self.threshold) if labels is not None else [format_prompt([])] * B
-        leaf_q = self.leaf_queries()
-        all_nodes = "region" in on
-        queries = self.node_queries(leaf_q) if all_nodes else leaf_q
-        qbias = self.query_bias(all_nodes)
+        finding_leaves = self._finding_leaves(batch, B, images.device)
+        all_nodes = "region" in enabled
+        leaf_queries = self.leaf_queries()
+        queries = self.node_queries(leaf_queries) if all_nodes else leaf_queries
+        bias = self.query_bias(all_nodes)
         losses: dict[str, torch.Tensor] = {}
 
-        if on.keys() & {"region", "aca", "entity", "lm", "rest"}:
-            u = self.vit(images, queries, return_attn=bool(on.keys() & {"entity", "rest"}), query_bias=qbias)
-            leaf_u = u["queries"][:, self.leaf_node_index] if all_nodes else u["queries"]
-            if on.keys() & {"entity", "rest"}:
-                leaf_attn = u["attn"][:, self.leaf_node_index] if all_nodes else u["attn"]
-        if on.keys() & {"mae", "con", "region"}:
-            mk = self.vit(images, queries, mask_ratio=self.mask_ratio, query_bias=qbias)
-        if on.keys() & {"con", "aca"}:
-            _, text = self.text_encoder.encode_texts(batch["report"], images.device)
+        if enabled & UNMASKED_LOSSES:
+            unmasked = self.vit(images, queries, return_attn=bool(enabled & ATTENTION_LOSSES), query_bias=bias)
+            leaf_tokens, leaf_attn = unmasked["queries"], unmasked.get("attn")  # [B, K, D], [B, K, L]
+            if all_nodes:
+                leaf_tokens = leaf_tokens[:, self.leaf_node_index]
+                leaf_attn = leaf_attn[:, self.leaf_node_index] if leaf_attn is not None else None
+        if enabled & MASKED_LOSSES:
+            masked = self.vit(images, queries, mask_ratio=self.mask_ratio, query_bias=bias)
+        if enabled & REPORT_LOSSES:
+            _, report_vectors = self.text_encoder.encode_texts(batch["report"], images.device)
 
-        if "mae" in on:
-            pred = self.mae_decoder(mk["cls"], mk["patches"], mk["ids_restore"])
-            losses["mae"] = self.mae_decoder.loss(images, pred, mk["mask"])
-        if "con" in on:
-            losses["con"] = self.contrastive(mk["patches"], text, mk["mask"])
-        if "region" in on:
-            losses["region"] = self.region_decoder(mk["queries"], u["queries"].detach())
-        if "aca" in on:
-            losses["aca"] = self.aca(leaf_u, text.detach())
-        if "entity" in on:
-            obs, anat = self.entity_head(u["cls"], u["patches"], u["local"], leaf_attn)
-            losses["entity"] = self.entity_head.loss(obs, anat, batch["labels"], self._anatomies(batch, B, images.device))
-        if "rest" in on:
-            losses["rest"] = rest_loss(leaf_attn, self.location_prior, self._anatomies(batch, B, images.device))
-        if "lm" in on:
-            visual = torch.cat([leaf_u, u["cls"][:, None], u["patches"]], dim=1)
-            vmask = torch.cat([EntityHead.leaves_shown(self._anatomies(batch, B, images.device)),
-                               torch.ones(B, 1 + u["patches"].shape[1], dtype=torch.bool, device=images.device)], 1)
-            losses["lm"] = self.report_decoder(visual, vmask, prompts, batch["report"])
-        losses["loss"] = sum(w * losses[k].float() for k, w in on.items()) if on else images.new_zeros(())
+        if "mae" in enabled:
+            pred = self.mae_decoder(masked["cls"], masked["patches"], masked["ids_restore"])
+            losses["mae"] = self.mae_decoder.loss(images, pred, masked["mask"])
+        if "con" in enabled:
+            losses["con"] = self.contrastive(masked["patches"], report_vectors, masked["mask"])
+        if "region" in enabled:
+            losses["region"] = self.region_decoder(masked["queries"], unmasked["queries"].detach())
+        if "aca" in enabled:
+            losses["aca"] = self.aca(leaf_tokens, report_vectors.detach())
+        if "entity" in enabled:
+            obs, anat = self.entity_head(unmasked["cls"], unmasked["patches"], unmasked["local"], leaf_attn)
+            losses["entity"] = self.entity_head.loss(obs, anat, batch["labels"], finding_leaves)
+        if "rest" in enabled:
+            losses["rest"] = rest_loss(leaf_attn, self.location_prior, finding_leaves)
+        if "lm" in enabled:
+            shown = EntityHead.leaves_shown(finding_leaves)
+            visual, visual_mask = visual_prefix(leaf_tokens, unmasked["cls"], unmasked["patches"], shown)
+            losses["lm"] = self.report_decoder(visual, visual_mask, prompts, batch["report"])
+        losses["loss"] = sum((w * losses[k].float() for k, w in self.weights.items()), images.new_zeros(()))
         return losses
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
-    def generate(self, batch: dict, beam_size: int = 1, max_new_tokens: int = 100, min_new_tokens: int = 0,
-                 repetition_penalty: float = 1.0, length_penalty: float = 1.0) -> list[dict]:
+    def generate(self, batch: dict, **decoding) -> list[dict]:
         """Reports from the images alone: the entity head predicts the prompt's observations and the
         anatomy leaves the decoder sees (never read from the batch's report / labels / anatomies).
-        Without an entity head (loss.entity = 0) every leaf is on and the prompt is "Findings: none."."""
+        Without an entity head (loss.entity = 0) every leaf is on and the prompt is "Findings: none.".
+        ``decoding``: the report decoder's generate options (beam_size, max_new_tokens, ...).
+        Returns [{"id", "report", "entities", "anatomies"}] per image."""
         if self.report_decoder is None:
             raise ValueError("generate needs the report decoder (loss.lm > 0)")
         images = batch["image"]
+        B = images.shape[0]
         out = self.vit(images, self.leaf_queries(), return_attn=self.entity_head is not None,
                        query_bias=self.query_bias())
-        kw = dict(beam_size=beam_size, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                  repetition_penalty=repetition_penalty, length_penalty=length_penalty)
         if self.entity_head is not None:
-            rows = generate_from_image(self.report_decoder, self.entity_head, out["cls"], out["queries"],
-                                       out["patches"], out["local"], out["attn"], self.graph.leaf_names,
-                                       self.threshold, **kw)
+            obs_logits, anat_logits = self.entity_head(out["cls"], out["patches"], out["local"], out["attn"])
+            entities, shown = self.entity_head.predict(obs_logits, anat_logits, self.threshold)
         else:
-            B = images.shape[0]
-            visual = torch.cat([out["queries"], out["cls"][:, None], out["patches"]], dim=1)
-            vmask = torch.ones(visual.shape[:2], dtype=torch.bool, device=images.device)
-            reports = self.report_decoder.generate(visual, vmask, [format_prompt([])] * B, **kw)
-            rows = [{"report": r, "entities": [], "anatomies": list(self.graph.leaf_names)} for r in reports]
-        return [{"id": i, **r} for i, r in zip(batch["id"], rows)]
+            entities = [[] for _ in range(B)]
+            shown = torch.ones(B, self.graph.num_leaves, dtype=torch.bool, device=images.device)
+        visual, visual_mask = visual_prefix(out["queries"], out["cls"], out["patches"], shown)
+        reports = self.report_decoder.generate(visual, visual_mask, [format_prompt(e) for e in entities],
+                                               **decoding)
+        return [{"id": i, "report": r, "entities": e,
+                 "anatomies": [n for n, on in zip(self.leaf_names, leaves) if on]}
+                for i, r, e, leaves in zip(batch["id"], reports, entities, shown.tolist())]
 
     @torch.no_grad()
     def heatmaps(self, images: torch.Tensor) -> torch.Tensor:
         """[B, K, H, W] in [0, 1]: each leaf query's last-layer attention to the patches (heads
-        averaged), upsampled to the image and smoothed by models/heatmaps.py."""
-        from models.heatmaps import leaf_heatmaps
+        averaged), upsampled to the image and smoothed (models/heatmaps.py)."""
         attn = self.vit(images, self.leaf_queries(), return_attn=True, query_bias=self.query_bias())["attn"]
         return leaf_heatmaps(attn.float(), self.vit.grid, tuple(images.shape[-2:]))
 
-    def no_weight_decay(self) -> set[str]:
-        """Token / scale parameters kept out of weight decay (lr_sched.param_groups also finds them by name)."""
-        names = {"vit.cls_token", "mae_decoder.mask_token", "contrastive.logit_scale", "entity_head.anat_bias",
-                 "leaf_query_embed", "leaf_spatial_prior"}
-        own = dict(self.named_parameters())
-        return {n for n in names if n in own}
+    def lr_scales(self, lm_scale: float) -> dict[str, float]:
+        """Parameter-name prefix -> learning-rate multiplier (the LM's ``model.decoder.lr_scale``)."""
+        return {"report_decoder.lm.": lm_scale}

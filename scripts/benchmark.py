@@ -49,6 +49,24 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from utils.config import load_config
+from datasets.synthetic import render_study
+from datasets.cxr import MEAN, STD, binarize_labels
+from vocab.report_text import clean_report
+from datasets.cxr import binarize_labels
+from models.entity_head import EntityHead
+from datasets.tokenizer import train_bpe, train_wordpiece
+from models.ssacl import SSACL
+from torch.utils.flop_counter import FlopCounterMode
+import contextlib
+import io
+from engine.train import train_one_epoch
+from engine.optim import build_optimizer
+from utils.dist import DistInfo
+from engine.evaluate import score_reports
+from engine.optim import autocast, resolve_amp
+from vocab.anatomy_graph import graph_from_name
+from utils.dist import device_for
 
 PRESETS = {"tiny": "configs/demo.yaml", "base": "configs/pretrain_mimic.yaml"}
 # Dense (no sparsity) peak tensor FLOP/s by device-name substring and autocast dtype (datasheets).
@@ -106,10 +124,9 @@ def _sync(device: torch.device) -> None:
 
 def build_config(preset_or_path: str, graph: str = "default", device: str = "auto", amp: str | None = None,
                  sets: list[str] | None = None):
-    from utils.config import load_config
     path = ROOT / PRESETS.get(preset_or_path, preset_or_path)
     cfg = load_config(str(path), [f"model.graph={graph}", f"device={device}", "model.vit.init=null",
-                                  "train.init=null", "model.text.path=null", "model.decoder.path=null",
+                                  "model.text.path=null", "model.decoder.path=null",
                                   "model.text.tokenizer=null", "model.decoder.tokenizer=null"] + list(sets or []))
     if amp:
         cfg.train.amp = amp
@@ -125,14 +142,11 @@ def _pad_vocab(tok, size: int, prefix: str):
 
 
 def synthetic_studies(n: int, size: int, seed: int = 0) -> list[dict]:
-    from datasets.synthetic import render_study
     return [render_study(i, size=size, seed=seed) for i in range(n)]
 
 
 def make_batch(cfg, studies: list[dict], graph, device: torch.device) -> dict:
     """A collated batch (datasets/cxr.py's format) of synthetic studies, on ``device``."""
-    from datasets.cxr import MEAN, STD, binarize_labels
-    from datasets.reports import clean_report
     imgs = torch.stack([torch.from_numpy(s["image"]).float().div(255) for s in studies])[:, None]
     imgs = torch.nn.functional.interpolate(imgs, size=(cfg.data.image_size,) * 2, mode="bilinear",
                                            antialias=True, align_corners=False)
@@ -152,9 +166,6 @@ def lm_seq_tokens(model, cfg, studies, graph) -> float:
     """Mean decoder sequence length in training: visual prefix (leaves + CLS + patches) + prompt + report."""
     if model.report_decoder is None:
         return 0.0
-    from datasets.cxr import binarize_labels
-    from datasets.reports import clean_report
-    from models.entity_head import EntityHead
     labels = torch.stack([torch.from_numpy(binarize_labels(s["labels"])) for s in studies])
     prompts = EntityHead.prompt(labels)
     enc = model.report_decoder.encode
@@ -165,8 +176,6 @@ def lm_seq_tokens(model, cfg, studies, graph) -> float:
 
 
 def build_model(cfg, device: torch.device, reports: list[str]):
-    from datasets.tokenizer import train_bpe, train_wordpiece
-    from models.ssacl import SSACL
     text_tok = _pad_vocab(train_wordpiece(reports, cfg.model.text.vocab_size), cfg.model.text.vocab_size, "t")
     dec_tok = _pad_vocab(train_bpe(reports, cfg.model.decoder.vocab_size), cfg.model.decoder.vocab_size, "d")
     model = SSACL.from_config(cfg, text_tok, dec_tok)
@@ -178,7 +187,6 @@ def build_model(cfg, device: torch.device, reports: list[str]):
 # ---- measurements ---------------------------------------------------------------------------------
 
 def count_flops(fn) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
     counter = FlopCounterMode(display=False)
     with counter:
         fn()
@@ -187,18 +195,13 @@ def count_flops(fn) -> int:
 
 def bench_train(model, cfg, batch: dict, device: torch.device, iters: int, warmup: int) -> dict:
     """Times ``engine.train.train_one_epoch`` (the real step) over ``iters`` copies of ``batch``."""
-    import contextlib
-    import io
 
-    from engine.train import resolve_amp, train_one_epoch
-    from utils import run
-    from utils.dist import DistInfo
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=device, distributed=False)
     B = batch["image"].shape[0]
     cfg.data.batch_size = B
     cfg.train.print_freq = 10 ** 9
     with contextlib.redirect_stdout(io.StringIO()):
-        optimizer, scaler = run.build_optimizer(cfg, model, info)
+        optimizer, scaler = build_optimizer(cfg, model, info)
     dtype = resolve_amp(cfg.train.amp, device)
 
     def epoch(n: int) -> dict:
@@ -238,11 +241,7 @@ def bench_train(model, cfg, batch: dict, device: torch.device, iters: int, warmu
 
 def bench_generate(model, cfg, batch: dict, device: torch.device, iters: int, warmup: int, beam: int,
                    new_tokens: int) -> dict:
-    import contextlib
-    import io
 
-    from engine.evaluate import score_reports
-    from engine.train import autocast, resolve_amp
     model.eval()
     dtype = resolve_amp(cfg.train.amp, device)
     kw = dict(beam_size=beam, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
@@ -288,8 +287,6 @@ def run_one(preset: str = "tiny", graph: str = "default", device: str = "auto", 
             gen_warmup: int = 1, beam: int = 3, new_tokens: int = 100, amp: str | None = None,
             sets: list[str] | None = None, skip_generate: bool = False) -> dict:
     """Benchmark one preset / graph in this process; returns the result dict (see module docstring)."""
-    from models.anatomy_graph import graph_from_name
-    from utils.dist import device_for
     torch.manual_seed(0)
     cfg = build_config(preset, graph, device, amp, sets)
     dev = device_for(cfg.device)
@@ -340,7 +337,6 @@ def expected_query_memory(res_small: dict, res_large: dict) -> dict:
     - ACA: the [N, K, K] anatomy-similarity logits per image (fp32, ~2 copies kept for backward), N = batch.
     A per-node loop that re-ran the encoder or decoder for every node would add whole sequences per
     node instead, orders of magnitude more."""
-    from models.anatomy_graph import graph_from_name
     a = res_small["arch"]
     bytes_el = 4 if res_small["train"]["precision"] == "fp32" else 2
     per_tok = (8 + 2 * a["mlp_ratio"])
@@ -457,7 +453,6 @@ def main(argv=None):
         Path(args.out).write_text(json.dumps(res, indent=2))
         return res
 
-    from utils.dist import device_for
     on_cpu = device_for(args.device).type == "cpu"
     presets = [s for s in args.presets.split(",") if s]
     specs = []

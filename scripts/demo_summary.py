@@ -22,9 +22,17 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from datasets.annotation import load_annotation  # noqa: E402
+from engine.evaluate import score_reports  # noqa: E402
+from metrics.synthetic_grounding import read_mask  # noqa: E402
+from utils.config import add_config_args, load_config  # noqa: E402
+from vocab.report_text import clean_report  # noqa: E402
 
 # (metric key, label, target, kind): kind "min" = at least target, "pos" = above 0
 TARGETS = [("ce_micro_f1_14", "clinical micro-F1 (14 obs)", 0.70, "min"),
@@ -40,30 +48,24 @@ BASELINE_MARGIN = 0.15  # "clearly worse": baseline clinical micro-F1 at least t
 
 def most_common_report(annotation: str) -> tuple[str, int]:
     """The most frequent cleaned training report and its count (ties: the first seen)."""
-    from datasets.reports import clean_report, load_annotation
     counts = collections.Counter(clean_report(r["report"]) for r in load_annotation(annotation, "train"))
     return counts.most_common(1)[0]
 
 
 def chance_pointing(annotation: str, split: str) -> float | None:
     """Pointing game of a uniformly random peak: mean over studies and drawn leaves of the mask's area fraction."""
-    import numpy as np
-    from PIL import Image
 
-    from datasets.reports import load_annotation
     root = Path(annotation).parent
     fracs = []
     for rec in load_annotation(annotation, split):
         for rel in (rec.get("regions") or {}).values():
-            with Image.open(root / rel) as im:
-                m = np.asarray(im.convert("L")) > 127
+            m = read_mask(root / rel)
             if m.any():
                 fracs.append(float(m.mean()))
     return float(np.mean(fracs)) if fracs else None
 
 
 def score_baseline(rows: list[dict], report: str, cfg) -> dict:
-    from engine.evaluate import score_reports
     scored = [{"index": i, "generated": report, "reference": r["reference"]} for i, r in enumerate(rows)]
     with contextlib.redirect_stdout(io.StringIO()):  # score_reports prints the clinical-efficacy table
         out = score_reports(scored, cfg)
@@ -110,7 +112,6 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> dict:
-    from utils.config import add_config_args, load_config
     p = add_config_args(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]))
     p.add_argument("--eval-dir", required=True, help="folder with metrics.json and generated.jsonl")
     p.add_argument("--out", default=None, help="summary JSON (default: EVAL_DIR/summary.json)")

@@ -1,8 +1,5 @@
 import math
-import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,13 +7,11 @@ import torch
 from torch import nn
 
 from models.alignment import AnatomicalConsistency, ImageReportContrastive
+from tests.helpers import alignment_worker as worker
+from tests.helpers import torchrun
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import dist_worker_alignment as worker  # noqa: E402
 
-TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-                "LOCAL_WORLD_SIZE", "GROUP_RANK", "TORCHELASTIC_RUN_ID")
 
 
 def sp(x):  # log(1 + e^x): the cross-entropy of a 2-way choice that loses by -x
@@ -105,12 +100,7 @@ def free_port() -> int:
 
 
 def test_two_processes_equal_one_process_on_the_global_batch(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", str(ROOT / "tests" / "dist_worker_alignment.py"), str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun(2, "-m", "tests.helpers.alignment_worker", tmp_path, timeout=180)
     res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
 
     data = worker.make_data(2)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from models.anatomy_graph import AnatomyGraph, graph_from_name, synthetic_graph
+from vocab.anatomy_graph import AnatomyGraph, graph_from_name, synthetic_graph
 
 LUNG = ("upper lung zone", "mid lung zone", "lower lung zone", "hilar structures", "apical zone",
         "costophrenic angle", "hemidiaphragm")

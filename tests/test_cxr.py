@@ -7,8 +7,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from datasets.cxr import MEAN, STD, build_dataset, build_transform, collate, load_image
-from datasets.reports import DataError
-from models.anatomy_graph import AnatomyGraph
+from datasets.annotation import DataError
+from vocab.anatomy_graph import AnatomyGraph
 from utils.config import load_config
 
 GRAPH = AnatomyGraph.default()
@@ -49,12 +49,6 @@ GOOD = [rec("s1", ["gray.png", "deep.png"], labels=LABELS, anatomies=["cardiac s
         rec("s4", ["side.png"], report="Unremarkable study.", labels=LABELS)]
 
 
-def test_finding_anatomies_only_from_sentences_that_state_a_finding():
-    from datasets.cxr import finding_anatomies
-    report = ("Small effusion at the right costophrenic angle. The heart size is normal. The left lung is clear. "
-              "Possible left lower lobe atelectasis.")
-    assert finding_anatomies(report, GRAPH) == ["right costophrenic angle", "left lower lung zone"]
-    assert finding_anatomies("The lungs are clear. No pneumothorax.", GRAPH) == []
 
 
 def test_load_image_modes(tmp_path):
@@ -153,8 +147,8 @@ def test_unreadable_image_raises_or_is_skipped_in_workers(tmp_path):
 
 
 def test_labels_from_rule_labeler(tmp_path):
-    pytest.importorskip("utils.metrics.clinical")
-    from utils.metrics.observations import OBSERVATION_INDEX as I
+    pytest.importorskip("metrics.clinical")
+    from vocab.observations import OBSERVATION_INDEX as I
     records = [rec("p1", ["gray.png"], report="Moderate cardiomegaly. No pleural effusion."),
                rec("p2", ["gray.png"], report="There is a small left pleural effusion.")]
     cfg, _ = make_data(tmp_path, records)

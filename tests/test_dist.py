@@ -1,22 +1,16 @@
 import builtins
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from models.location_prior import estimate_location_prior
+from tests.helpers import gather_worker as worker
+from tests.helpers import TORCHRUN_ENV, torchrun
 from utils import dist as du
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import dist_worker_gather as worker  # noqa: E402
 
-TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT",
-                "LOCAL_WORLD_SIZE", "GROUP_RANK", "TORCHELASTIC_RUN_ID")
 
 
 @pytest.fixture
@@ -24,12 +18,6 @@ def single_process(monkeypatch):
     for k in TORCHRUN_ENV:
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setattr(builtins, "print", builtins.print)  # setup_print replaces it: restore after
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_device_for(monkeypatch):
@@ -76,13 +64,7 @@ def test_setup_print_silences_non_main(single_process, capsys):
 
 
 def test_torchrun_two_cpu_processes(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in TORCHRUN_ENV}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-           str(ROOT / "tests" / "dist_worker_gather.py"), str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = torchrun(2, "-m", "tests.helpers.gather_worker", tmp_path, timeout=120)
     out = proc.stdout + proc.stderr
     assert "plain print from rank 0" in out and "plain print from rank 1" not in out
     assert "forced print from rank 1" in out

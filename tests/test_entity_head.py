@@ -1,11 +1,16 @@
 import pytest
 import torch
+
+from datasets.tokenizer import train_bpe, train_wordpiece
+from models.ssacl import SSACL
+from utils.config import load_config
 import torch.nn.functional as F
 
-from models.anatomy_graph import AnatomyGraph
+from vocab.anatomy_graph import AnatomyGraph
 from models.entity_head import EntityHead, format_prompt, observation_names
-from models.report_decoder import generate_from_image
-from utils.metrics.observations import CHEXPERT_OBSERVATIONS, OBSERVATION_INDEX
+from vocab.observations import CHEXPERT_OBSERVATIONS, OBSERVATION_INDEX
+
+GRAPH = AnatomyGraph.default()
 
 D = 16
 
@@ -151,37 +156,9 @@ class _Recorder:
         return [f"report {i}" for i in range(len(prompts))]
 
 
-def test_generate_from_image_uses_the_head_predictions():
-    graph = AnatomyGraph.default()
-    head = EntityHead(D)
-    with torch.no_grad():  # a head that predicts cardiomegaly and two leaves, whatever the image
-        head.obs_head.weight.zero_()
-        head.obs_head.bias.fill_(-5.0)
-        head.obs_head.bias[OBSERVATION_INDEX["Cardiomegaly"]] = 5.0
-        head.anat_head.weight.zero_()
-        head.anat_bias.fill_(-5.0)
-        head.anat_bias[[0, 7]] = 5.0
-    cls, leaves, patches = torch.randn(2, D), torch.randn(2, 25, D), torch.randn(2, 6, D)
-    attn = torch.rand(2, 25, 6).softmax(-1)
-    rec = _Recorder()
-    rows = generate_from_image(rec, head, cls, leaves, patches, torch.randn(2, 6, D), attn, graph.leaf_names,
-                               0.5, beam_size=3)
-    assert rec.prompts == ["Findings: cardiomegaly."] * 2 and rec.kw == {"beam_size": 3}
-    assert torch.equal(rec.visual, torch.cat([leaves, cls[:, None], patches], 1))
-    expected_mask = torch.zeros(2, 25 + 1 + 6, dtype=torch.bool)
-    expected_mask[:, [0, 7]] = True
-    expected_mask[:, 25:] = True
-    assert torch.equal(rec.mask, expected_mask)
-    assert rows[1] == {"report": "report 1", "entities": ["Cardiomegaly"],
-                       "anatomies": [graph.leaf_names[0], graph.leaf_names[7]]}
-
-
 # --------------------------------------------------------------------------- through SSACL.generate
 
 def tiny_ssacl():
-    from datasets.tokenizer import train_bpe, train_wordpiece
-    from models.ssacl import SSACL
-    from utils.config import load_config
     texts = ["the heart is normal in size . no pleural effusion .", "small left pleural effusion .",
              "Findings: cardiomegaly, pleural effusion, atelectasis, edema, none."]
     cfg = load_config(None)
@@ -193,6 +170,31 @@ def tiny_ssacl():
     cfg.model.decoder.update(n_embd=32, n_layer=2, n_head=2, n_positions=256)
     torch.manual_seed(0)
     return SSACL.from_config(cfg, train_wordpiece(texts, 200), train_bpe(texts, 300)).eval()
+
+
+def test_generate_uses_the_head_predictions():
+    model = tiny_ssacl()
+    head = model.entity_head
+    with torch.no_grad():  # a head that predicts cardiomegaly and two leaves, whatever the image
+        head.obs_head.weight.zero_()
+        head.obs_head.bias.fill_(-5.0)
+        head.obs_head.bias[OBSERVATION_INDEX["Cardiomegaly"]] = 5.0
+        head.anat_head.weight.zero_()
+        head.anat_bias.fill_(-5.0)
+        head.anat_bias[[0, 7]] = 5.0
+    rec = _Recorder()
+    model.report_decoder.generate = rec.generate
+    images = torch.randn(2, 3, 32, 32)
+    rows = model.generate({"image": images, "id": ["a", "b"]}, beam_size=3)
+    assert rec.prompts == ["Findings: cardiomegaly."] * 2 and rec.kw == {"beam_size": 3}
+    u = model.vit(images, model.leaf_queries(), return_attn=True)
+    assert torch.allclose(rec.visual, torch.cat([u["queries"], u["cls"][:, None], u["patches"]], 1))
+    expected_mask = torch.zeros(2, 25 + 1 + 16, dtype=torch.bool)
+    expected_mask[:, [0, 7]] = True
+    expected_mask[:, 25:] = True
+    assert torch.equal(rec.mask, expected_mask)
+    assert rows[1] == {"id": "b", "report": "report 1", "entities": ["Cardiomegaly"],
+                       "anatomies": [GRAPH.leaf_names[0], GRAPH.leaf_names[7]]}
 
 
 def test_ssacl_generate_ignores_reference_report_labels_and_anatomies():
@@ -214,7 +216,7 @@ def test_ssacl_generate_ignores_reference_report_labels_and_anatomies():
     visual = torch.cat([u["queries"], u["cls"][:, None], u["patches"]], 1)
     rest = torch.ones(B, visual.shape[1] - 25, dtype=torch.bool)
     prompts = [format_prompt(o["entities"]) for o in out]
-    pred_mask = torch.stack([model.graph.leaf_mask(o["anatomies"]) for o in out])
+    pred_mask = torch.stack([GRAPH.leaf_mask(o["anatomies"]) for o in out])
     same = model.report_decoder.generate(visual, torch.cat([pred_mask, rest], 1), prompts, **kw)
     assert same == [o["report"] for o in out]
     other = model.report_decoder.generate(visual, torch.cat([~pred_mask | (torch.arange(25) < 2), rest], 1),

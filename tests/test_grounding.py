@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils.metrics.grounding import (THRESHOLDS, aggregate, box_to_mask, cnr, dice, grounding_metrics,
+from metrics.grounding import (THRESHOLDS, aggregate, box_to_mask, cnr, dice, grounding_metrics,
                                      iou_at_thresholds, load_ms_cxr, mean_iou, normalize, pointing_game,
                                      transform_boxes, zhang_tolerance)
 

@@ -4,9 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.anatomy_graph import AnatomyGraph
-from models.heatmaps import (gaussian_blur, leaf_heatmaps, normalize_maps, sentence_anatomies, sentence_heatmap,
-                             split_sentences)
+from vocab.anatomy_graph import AnatomyGraph
+from models.heatmaps import (gaussian_blur, leaf_heatmaps, normalize_maps, sentence_heatmap)
 
 GRAPH = AnatomyGraph.default()
 
@@ -61,18 +60,6 @@ def test_heatmaps_from_vit_attention():
     assert math.isclose(maps.amax((-2, -1)).min().item(), 1.0, abs_tol=1e-6)
 
 
-def test_sentences_and_their_anatomies():
-    report = ("Small effusion at the left costophrenic angle. The heart is enlarged; no pneumothorax. "
-              "Right upper lobe opacity.")
-    assert split_sentences(report) == ["Small effusion at the left costophrenic angle", "The heart is enlarged",
-                                       "no pneumothorax", "Right upper lobe opacity"]
-    pairs = sentence_anatomies(report, GRAPH)
-    assert [p[1] for p in pairs] == [["left costophrenic angle"], ["right atrium", "cavoatrial junction"], [],
-                                     ["right upper lung zone"]]
-    cleaned = sentence_anatomies("the lungs are clear . bibasilar atelectasis .", GRAPH)
-    assert cleaned[0][0] == "the lungs are clear"
-    assert len(cleaned[0][1]) == 14  # both lungs -> all 14 lung leaves
-    assert cleaned[1][1] == ["right lower lung zone", "left lower lung zone"]
 
 
 def test_sentence_heatmap_is_mean_of_its_leaves():

@@ -5,8 +5,8 @@ import warnings
 
 import pytest
 
-from utils.metrics import nlg
-from utils.metrics.nlg import ptb_tokenize_py, score_nlg
+from metrics import nlg
+from metrics.nlg import ptb_tokenize_py, score_nlg
 
 HAS_JAVA = nlg.java_available()
 needs_java = pytest.mark.skipif(not HAS_JAVA, reason="no Java runtime on PATH")

@@ -1,6 +1,6 @@
 import torch
 
-from models.anatomy_graph import AnatomyGraph
+from vocab.anatomy_graph import AnatomyGraph
 from models.region_recon import RegionDecoder
 
 

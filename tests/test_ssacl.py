@@ -4,10 +4,11 @@ import torch
 
 from datasets.synthetic import render_study
 from datasets.tokenizer import train_bpe, train_wordpiece
-from models.anatomy_graph import AnatomyGraph
+from vocab.anatomy_graph import AnatomyGraph
 from models.ssacl import SSACL
 from utils.config import load_config
-from utils.metrics.observations import CHEXPERT_OBSERVATIONS
+from utils.lr_sched import param_groups
+from vocab.observations import CHEXPERT_OBSERVATIONS
 
 GRAPH = AnatomyGraph.default()
 TINY = ["data.image_size=32", "model.vit.patch_size=8", "model.vit.embed_dim=32", "model.vit.depth=2",
@@ -73,7 +74,12 @@ def test_all_losses_and_every_parameter_gets_a_gradient(tokenizers, batch):
     zero = [n for n, p in model.named_parameters() if p.requires_grad and p.grad.abs().sum() == 0]
     assert zero == []
     assert model.report_decoder.lm is not None and model.vit.num_patches == 16
-    assert model.no_weight_decay() >= {"vit.cls_token", "contrastive.logit_scale", "leaf_spatial_prior"}
+    groups = param_groups(model, 0.05, model.lr_scales(0.25))
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert no_decay >= {"vit.cls_token", "contrastive.logit_scale", "leaf_spatial_prior", "leaf_query_embed"}
+    lm = {names[id(p)] for g in groups if g["lr_scale"] == 0.25 for p in g["params"]}
+    assert lm == {n for n in names.values() if n.startswith("report_decoder.lm.")}
 
 
 def test_zero_weight_terms_are_neither_built_nor_computed(tokenizers, batch):

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datasets.reports import clean_report
+from vocab.report_text import clean_report
 from datasets.synthetic import generate, leaf_file, main, render_study
 from datasets.synthetic_reports import BILATERAL, FINDINGS
-from models.anatomy_graph import AnatomyGraph
-from utils.metrics.observations import CHEXPERT_OBSERVATIONS, OBSERVATION_INDEX
+from vocab.anatomy_graph import AnatomyGraph
+from vocab.observations import CHEXPERT_OBSERVATIONS, OBSERVATION_INDEX
 
 GRAPH = AnatomyGraph.default()
 RIGHT = set(GRAPH.leaves_under("right lung")) | {"right clavicle"}

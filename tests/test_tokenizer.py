@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from datasets.reports import clean_report
+from vocab.report_text import clean_report
 from datasets.tokenizer import build_tokenizers, load_tokenizer, train_bpe, train_wordpiece
 from utils.config import load_config
 

@@ -1,4 +1,5 @@
-"""Checkpoints: atomic saving, resuming, and partial loading of pretrained weights.
+"""Checkpoints: atomic saving, resuming, partial loading of pretrained weights, and the Checkpointer that
+decides when a training run saves.
 
 A run directory holds ``checkpoint-last.pth`` (rewritten at every save), numbered
 ``checkpoint-NNNN.pth`` (NNNN = epoch) and ``checkpoint-best.pth``. ``find_latest`` returns
@@ -10,6 +11,7 @@ and lists) so that they load with ``torch.load(weights_only=True)``. Only rank 0
 """
 from __future__ import annotations
 
+import math
 import os
 import random
 import re
@@ -191,3 +193,77 @@ def load_partial(module: nn.Module, state_dict: dict, prefix_map: dict | None = 
             load[new] = value
     module.load_state_dict(load, strict=False)
     return PartialLoadReport(sorted(load), [k for k in own if k not in load], skipped)
+
+
+def count_parameters(model: nn.Module) -> str:
+    total = sum(p.numel() for p in model.parameters())
+    train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"{total / 1e6:.2f}M parameters ({train / 1e6:.2f}M trainable)"
+
+
+class Checkpointer:
+    """Saves ``checkpoint-last.pth`` every ``save_every_steps`` optimizer steps (mid-epoch) and at every
+    epoch end, ``checkpoint-NNNN.pth`` every ``save_every`` epochs (and after the last), and
+    ``checkpoint-best.pth`` when ``best_metric`` improves. A checkpoint records the epoch to continue, the
+    batches of it already done ("epoch_step"), the best value so far and ``extra`` (e.g. tokenizer folders)."""
+
+    def __init__(self, run_dir, cfg, model, optimizer, scaler, extra: dict | None = None):
+        t = cfg.train
+        if t.best_mode not in ("min", "max"):
+            raise ValueError(f"train.best_mode must be min or max, got {t.best_mode!r}")
+        self.run_dir, self.cfg = Path(run_dir), cfg
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.extra = dict(extra or {})
+        self.best_metric, self.sign = t.best_metric, 1.0 if t.best_mode == "min" else -1.0
+        self.save_every, self.save_every_steps = t.save_every, t.save_every_steps
+        self.epochs = cfg.optim.epochs
+        self.best = None
+
+    def _save(self, name, epoch, step, epoch_step, resumable=True):
+        extra = dict(self.extra, epoch_step=int(epoch_step),
+                     best=self.best if self.best is not None else float("nan"))
+        save_checkpoint(self.run_dir / name, model=self.model, optimizer=self.optimizer if resumable else None,
+                        scaler=self.scaler if resumable else None, epoch=epoch, step=step, cfg=self.cfg,
+                        extra=extra)
+
+    def resume(self, spec) -> tuple[int, int]:
+        """``spec`` '' (fresh), 'auto' (latest in the run dir, fresh if none) or a path.
+        Returns (epoch to start, batches of it already done)."""
+        if not spec:
+            return 0, 0
+        path = find_latest(self.run_dir) if spec == "auto" else Path(spec)
+        if path is None:
+            print(f"resume auto: no checkpoint in {self.run_dir}, starting fresh")
+            return 0, 0
+        ckpt = load_checkpoint(path, self.model, self.optimizer, self.scaler)
+        extra = ckpt.get("extra", {})
+        best = extra.get("best", float("nan"))
+        self.best = None if best is None or math.isnan(best) else float(best)
+        epoch, epoch_step = int(ckpt["epoch"]), int(extra.get("epoch_step", 0))
+        print(f"resumed from {path}: epoch {epoch}, batch {epoch_step}, global step {ckpt['step']}, "
+              f"best {self.best_metric} {self.best}")
+        return epoch, epoch_step
+
+    def on_step(self, epoch: int, batches_done: int, global_step: int) -> None:
+        if self.save_every_steps > 0 and global_step % self.save_every_steps == 0:
+            self._save("checkpoint-last.pth", epoch, global_step, batches_done)
+
+    def end_epoch(self, epoch: int, global_step: int, metrics: dict | None = None) -> bool:
+        """After epoch ``epoch`` (and its validation ``metrics``): update best, save. Returns True if best."""
+        improved = False
+        value = (metrics or {}).get(self.best_metric)
+        if value is not None and math.isfinite(value):
+            improved = self.best is None or self.sign * value < self.sign * self.best
+            if improved:
+                self.best = float(value)
+        elif metrics:
+            print(f"WARNING: train.best_metric {self.best_metric!r} not among the validation metrics "
+                  f"{sorted(metrics)}")
+        self._save("checkpoint-last.pth", epoch + 1, global_step, 0)
+        last_epoch = epoch + 1 == self.epochs
+        if self.save_every > 0 and ((epoch + 1) % self.save_every == 0 or last_epoch):
+            self._save(f"checkpoint-{epoch:04d}.pth", epoch + 1, global_step, 0)
+        if improved:
+            self._save("checkpoint-best.pth", epoch + 1, global_step, 0, resumable=False)
+            print(f"new best {self.best_metric} = {self.best:.4f} at epoch {epoch}")
+        return improved

@@ -131,6 +131,22 @@ def all_gather(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(out, dim=0)
 
 
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over ranks in place and return it (no-op in one process)."""
+    if get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+def broadcast_object(obj, src: int = 0):
+    """``obj`` of rank ``src`` on every rank (every rank must call it)."""
+    if get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def all_reduce_mean(x):
     """Mean over ranks of a tensor (returns a new tensor) or of a number (returns a float)."""
     if get_world_size() == 1:

@@ -1,5 +1,5 @@
 """Learning rate: a pure function of the fractional epoch (set every iteration, MAE style),
-the effective lr from the batch size, and parameter groups (weight decay, LM lr scale)."""
+the effective lr from the batch size, and parameter groups (weight decay, per-prefix lr scales)."""
 from __future__ import annotations
 
 import math
@@ -35,7 +35,6 @@ def effective_lr(cfg, world_size: int) -> float:
     return o.blr * cfg.data.batch_size * o.accum_iter * world_size / 256
 
 
-LM_PREFIX = "report_decoder.lm."
 # Parameters that are tokens / position tables: matched on the parameter's own name, or on the
 # owning module's name for embedding tables ("embeddings.position_embeddings.weight", GPT-2 "wpe").
 _TOKEN_PARAM = re.compile(r"(pos_embed|position_embeddings?|token|tokens|queries|query_embed|spatial_prior)$")
@@ -55,17 +54,16 @@ def no_weight_decay(name: str, p) -> bool:
             or (len(parts) > 1 and bool(_POS_MODULE.match(parts[-2]))))
 
 
-def param_groups(model: nn.Module, weight_decay: float, lm_lr_scale: float = 1.0) -> list[dict]:
-    """Optimizer groups {"params", "weight_decay", "lr_scale", "name"}; frozen params excluded,
-    params under report_decoder.lm. (also behind DDP's "module.") get lr_scale = lm_lr_scale."""
-    groups: dict[tuple[bool, bool], list] = {}
+def param_groups(model: nn.Module, weight_decay: float, lr_scales: dict[str, float] | None = None) -> list[dict]:
+    """Optimizer groups {"params", "weight_decay", "lr_scale", "name"}; frozen params excluded. A parameter
+    whose name (behind DDP's "module.") starts with a prefix of ``lr_scales`` gets that lr multiplier."""
+    groups: dict[tuple[bool, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         bare = _strip_wrappers(name)
-        key = (no_weight_decay(bare, p), bare.startswith(LM_PREFIX))
-        groups.setdefault(key, []).append(p)
-    return [{"params": params, "weight_decay": 0.0 if no_wd else weight_decay,
-             "lr_scale": lm_lr_scale if lm else 1.0,
-             "name": ("lm_" if lm else "") + ("no_decay" if no_wd else "decay")}
-            for (no_wd, lm), params in sorted(groups.items())]
+        scale = next((s for prefix, s in (lr_scales or {}).items() if bare.startswith(prefix)), 1.0)
+        groups.setdefault((no_weight_decay(bare, p), scale), []).append(p)
+    return [{"params": params, "weight_decay": 0.0 if no_wd else weight_decay, "lr_scale": scale,
+             "name": ("no_decay" if no_wd else "decay") + (f"_lr_x{scale:g}" if scale != 1.0 else "")}
+            for (no_wd, scale), params in sorted(groups.items())]

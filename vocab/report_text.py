@@ -1,4 +1,4 @@
-"""Reports: R2Gen ``annotation.json`` loading, report cleaning, anatomy mentions.
+"""Report text: cleaning, sentences, and the anatomy-graph nodes a sentence mentions.
 
 Cleaned form (``clean_report``), following R2Gen's ``clean_report_mimic_cxr`` /
 ``clean_report_iu_xray``, with the differences noted:
@@ -18,16 +18,7 @@ A report that cleans to nothing is an empty report (an error, or skipped).
 """
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
-
-SPLITS = ("train", "val", "test")
-
-
-class DataError(ValueError):
-    """A bad annotation file, record or image; the message names the file and the record."""
-
 
 # ----------------------------------------------------------------------------- cleaning
 
@@ -55,54 +46,9 @@ def clean_report(text: str) -> str:
     return " . ".join(sentences) + " ." if sentences else ""
 
 
-# ----------------------------------------------------------------------------- annotation.json
-
-def load_annotation(path: str | Path, split: str) -> list[dict]:
-    """Records of one split of an R2Gen annotation file, validated.
-
-    Each record is checked for a string "id", a string "report" and a non-empty list of
-    string "image_path"; a problem raises DataError naming the file, the record and the
-    field. ``validate_record`` is the per-record check (used by the dataset to skip).
-    """
-    path = Path(path)
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: cannot read annotation file: {e}") from e
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: top level must be a mapping of splits")
-    if split not in data:
-        raise DataError(f"{path}: no split {split!r} (has {sorted(data)})")
-    records = data[split]
-    if not isinstance(records, list):
-        raise DataError(f"{path}: split {split!r} must be a list of records")
-    return records
-
-
-def validate_record(rec, path: str | Path, pos: int) -> str | None:
-    """None if ``rec`` is a well-formed record, else the reason (names file, record, field)."""
-    if not isinstance(rec, dict):
-        return f"{path}: record #{pos} is not a mapping"
-    rid = rec.get("id")
-    if not isinstance(rid, (str, int)) or isinstance(rid, bool) or str(rid) == "":
-        return f"{path}: record #{pos}: field 'id' missing or not a string"
-    where = f"{path}: record {rid!r} (#{pos})"
-    if not isinstance(rec.get("report"), str):
-        return f"{where}: field 'report' missing or not a string"
-    paths = rec.get("image_path")
-    if isinstance(paths, str):
-        paths = [paths]
-    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p for p in paths):
-        return f"{where}: field 'image_path' must be a non-empty list of paths"
-    labels = rec.get("labels")
-    if labels is not None and (not isinstance(labels, list) or len(labels) != 14 or not all(
-            v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in labels)):
-        return f"{where}: field 'labels' must be a list of 14 numbers or nulls"
-    anat = rec.get("anatomies")
-    if anat is not None and (not isinstance(anat, list) or not all(isinstance(a, str) for a in anat)):
-        return f"{where}: field 'anatomies' must be a list of anatomy names"
-    return None
+def split_sentences(report: str) -> list[str]:
+    """Sentences of a report (raw or cleaned: "a . b ." -> ["a", "b"]), text kept as written."""
+    return [s.strip() for s in _SENT_SPLIT.split(report) if s.strip()]
 
 
 # ----------------------------------------------------------------------------- anatomy mentions
@@ -176,3 +122,13 @@ def derive_anatomies(report: str, graph) -> list[str]:
                     if name in graph.index and name not in found:
                         found.append(name)
     return found
+
+
+def sentence_anatomies(report: str, graph) -> list[tuple[str, list[str]]]:
+    """``[(sentence, [leaf names it mentions])]``: mentioned nodes expanded to the leaves under them
+    (e.g. "left lung" -> its 7 zones), graph leaf order; [] for a sentence naming no anatomy."""
+    out = []
+    for sent in split_sentences(report):
+        leaves = {leaf for node in derive_anatomies(sent, graph) for leaf in graph.leaves_under(node)}
+        out.append((sent, [n for n in graph.leaf_names if n in leaves]))
+    return out

@@ -7,10 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from models.location_prior import estimate_location_prior  # noqa: E402
-from utils import dist as du  # noqa: E402
-from utils.logging import SmoothedValue  # noqa: E402
+from models.location_prior import estimate_location_prior
+from utils import dist as du
+from utils.logging import SmoothedValue
 
 
 def make_data(world_size, per_rank=3, dim=5):

@@ -8,9 +8,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from models.alignment import AnatomicalConsistency, ImageReportContrastive  # noqa: E402
-from utils import dist as du  # noqa: E402
+from models.alignment import AnatomicalConsistency, ImageReportContrastive
+from utils import dist as du
 
 PER_RANK, L, LV, D, DT, K = 3, 4, 2, 6, 5, 3
 

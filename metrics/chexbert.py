@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, BertConfig, BertModel, BertTokenizer
 
-from .observations import CHEXPERT_OBSERVATIONS
+from vocab.observations import CHEXPERT_OBSERVATIONS
 
 # CheXbert class index -> label value (the "No Finding" head only has 0 and 1)
 CLASS_TO_VALUE = np.array([np.nan, 1.0, 0.0, -1.0])

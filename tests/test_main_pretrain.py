@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from datasets.reports import load_annotation
+from datasets.annotation import load_annotation
 from datasets.tokenizer import build_tokenizers
-from tiny_run import REPO, env, python, synthetic, write_config
+from tests.helpers import REPO, env, python, synthetic, write_config
 from utils.config import load_config
 
 

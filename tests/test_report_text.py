@@ -1,9 +1,8 @@
-import json
 
 import pytest
 
-from datasets.reports import DataError, clean_report, derive_anatomies, load_annotation, validate_record
-from models.anatomy_graph import AnatomyGraph
+from vocab.report_text import clean_report, derive_anatomies, sentence_anatomies, split_sentences
+from vocab.anatomy_graph import AnatomyGraph
 
 GRAPH = AnatomyGraph.default()
 
@@ -41,27 +40,15 @@ def test_derive_anatomies(text, names):
     assert derive_anatomies(text, GRAPH) == names
 
 
-def test_load_annotation_errors(tmp_path):
-    ann = tmp_path / "annotation.json"
-    ann.write_text(json.dumps({"train": [{"id": "a", "report": "x", "image_path": ["a.png"]}]}))
-    assert load_annotation(ann, "train")[0]["id"] == "a"
-    with pytest.raises(DataError, match=r"annotation.json.*no split 'val'"):
-        load_annotation(ann, "val")
-    ann.write_text("{not json")
-    with pytest.raises(DataError, match="annotation.json"):
-        load_annotation(ann, "train")
-
-
-@pytest.mark.parametrize("rec, field", [
-    ({"report": "x", "image_path": ["a.png"]}, "'id'"),
-    ({"id": "s1", "image_path": ["a.png"]}, "'report'"),
-    ({"id": "s1", "report": "x", "image_path": []}, "'image_path'"),
-    ({"id": "s1", "report": "x", "image_path": ["a.png"], "labels": [1, 0]}, "'labels'"),
-    ({"id": "s1", "report": "x", "image_path": ["a.png"], "anatomies": "lungs"}, "'anatomies'"),
-])
-def test_validate_record_names_record_and_field(rec, field):
-    msg = validate_record(rec, "ann.json", 3)
-    assert msg and "ann.json" in msg and field in msg and "#3" in msg
-    if "id" in rec:
-        assert "'s1'" in msg
-    assert validate_record({"id": "s1", "report": "x", "image_path": ["a.png"]}, "ann.json", 3) is None
+def test_sentences_and_their_anatomies():
+    report = ("Small effusion at the left costophrenic angle. The heart is enlarged; no pneumothorax. "
+              "Right upper lobe opacity.")
+    assert split_sentences(report) == ["Small effusion at the left costophrenic angle", "The heart is enlarged",
+                                       "no pneumothorax", "Right upper lobe opacity"]
+    pairs = sentence_anatomies(report, GRAPH)
+    assert [p[1] for p in pairs] == [["left costophrenic angle"], ["right atrium", "cavoatrial junction"], [],
+                                     ["right upper lung zone"]]
+    cleaned = sentence_anatomies("the lungs are clear . bibasilar atelectasis .", GRAPH)
+    assert cleaned[0][0] == "the lungs are clear"
+    assert len(cleaned[0][1]) == 14  # both lungs -> all 14 lung leaves
+    assert cleaned[1][1] == ["right lower lung zone", "left lower lung zone"]

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from models.vit import VisionTransformer
-from tiny_run import python, synthetic, torchrun, write_config, TINY_MODEL
+from tests.helpers import python, synthetic, torchrun, write_config, TINY_MODEL
 
 
 def tb_tags(run_dir: Path) -> set[str]:

@@ -1,4 +1,4 @@
-"""Shared by the engine / entry-point tests: tiny synthetic data and a tiny SS-ACL config (CPU, seconds)."""
+"""Shared by the tests: tiny synthetic data, a tiny SS-ACL config (CPU, seconds), child processes."""
 from __future__ import annotations
 
 import os
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 TINY_MODEL = {
     "vit": {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0, "stem": "patch"},
@@ -54,9 +54,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE",
+                "GROUP_RANK", "TORCHELASTIC_RUN_ID")
+
+
 def env() -> dict:
+    """This environment for a child process: the repo importable, one thread, no torchrun variables."""
     e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
-    e.pop("RANK", None), e.pop("WORLD_SIZE", None), e.pop("LOCAL_RANK", None)
+    for k in TORCHRUN_ENV:
+        e.pop(k, None)
     return e
 
 

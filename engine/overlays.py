@@ -9,7 +9,6 @@ Pillow only (hand-written jet colormap, ImageDraw captions). Files of one study,
 
 A sentence's heatmap is the mean of the leaves it names (models/heatmaps.py); a sentence naming no
 anatomy gets the mean over the study's predicted anatomies (the leaves the decoder saw).
-``predict_images`` runs a model on raw image files and writes all of this for each.
 """
 from __future__ import annotations
 
@@ -22,9 +21,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from datasets.cxr import MEAN, STD, build_transform, load_image
-from models.anatomy_graph import AnatomyGraph
-from models.heatmaps import sentence_anatomies, sentence_heatmap, split_sentences
+from datasets.cxr import MEAN, STD
+from models.heatmaps import sentence_heatmap
+from vocab.anatomy_graph import AnatomyGraph
+from vocab.report_text import sentence_anatomies, split_sentences
 
 
 def jet(x: np.ndarray) -> np.ndarray:
@@ -122,15 +122,19 @@ def write_overlays(out_dir, study_id, image, report: str, entities, anatomies, h
     return {**summary, "json": str(out_dir / f"{stem}.json"), "overlays": paths}
 
 
-def write_overlay_batch(out_dir, visuals, graph_or_leaf_names=None) -> list[str]:
+def graph_for(leaf_names) -> AnatomyGraph:
+    """The default chest graph for its own leaves; a flat graph (leaf order kept) for any other model's."""
+    graph = AnatomyGraph.default()
+    if leaf_names is None or tuple(leaf_names) == graph.leaf_names:
+        return graph
+    return AnatomyGraph({"root": tuple(leaf_names)}, root="root")
+
+
+def write_overlay_batch(out_dir, visuals, leaf_names=None) -> list[str]:
     """Overlays of evaluated studies (engine/evaluate.py). ``visuals``: ``(normalised image [3,H,W],
-    heatmaps [25,H,W], row)`` with row {"id", "generated" (or "report"), "entities", "anatomies", optional
-    "reference"}; ``graph_or_leaf_names``: the model's graph or its leaf names. Returns the PNG paths."""
-    graph = graph_or_leaf_names
-    if not isinstance(graph, AnatomyGraph):
-        graph = AnatomyGraph.default()
-        if graph_or_leaf_names is not None and tuple(graph_or_leaf_names) != graph.leaf_names:
-            graph = AnatomyGraph({"root": tuple(graph_or_leaf_names)}, root="root")  # flat: leaf order kept
+    heatmaps [K,H,W], row)`` with row {"id", "generated" (or "report"), "entities", "anatomies", optional
+    "reference"}; ``leaf_names``: the model's, in heatmap order. Returns the PNG paths."""
+    graph = graph_for(leaf_names)
     paths = []
     for image, heat, row in visuals:
         extra = {"reference": row["reference"]} if "reference" in row else None
@@ -138,50 +142,3 @@ def write_overlay_batch(out_dir, visuals, graph_or_leaf_names=None) -> list[str]
                              row.get("entities", []), row.get("anatomies", []), heat, graph, extra)
         paths += out["overlays"]
     return paths
-
-
-@torch.no_grad()
-def predict_images(model, image_paths, transform, device, out_dir, gen_kwargs: dict | None = None,
-                   batch_size: int = 8) -> list[dict]:
-    """Reports + heatmaps for raw image files (any PIL mode), written with ``write_overlays``.
-
-    ``model`` has ``generate(batch, **gen_kwargs) -> [{"id", "report", "entities", "anatomies"}]`` and
-    ``heatmaps(images) -> [B,25,H,W]`` (SSACL); ``transform`` maps a ``[1,H,W]`` image in [0,1] to the
-    normalised model input (datasets/cxr.py ``build_transform(size, train=False)``). The overlays show
-    the image as the model saw it (resized). Returns one dict per image (``write_overlays``'s, plus "image_path").
-    """
-    graph = getattr(model, "graph", None)
-    graph = graph if isinstance(graph, AnatomyGraph) else AnatomyGraph.default()
-    was_training = model.training
-    model.eval()
-    ids, seen = [], set()
-    for p in image_paths:  # unique ids from the file names
-        base, k = safe_name(Path(p).stem), 1
-        name = base
-        while name in seen:
-            name, k = f"{base}_{k}", k + 1
-        seen.add(name)
-        ids.append(name)
-    results = []
-    try:
-        for start in range(0, len(image_paths), batch_size):
-            paths, chunk_ids = image_paths[start:start + batch_size], ids[start:start + batch_size]
-            images = torch.stack([transform(load_image(p)) for p in paths]).to(device)
-            outs = model.generate({"image": images, "id": chunk_ids}, **(gen_kwargs or {}))
-            heat = model.heatmaps(images).float().cpu()
-            for j, (o, p) in enumerate(zip(outs, paths)):
-                row = write_overlays(out_dir, chunk_ids[j], denormalize(images[j]), o["report"], o["entities"],
-                                     o["anatomies"], heat[j], graph, extra={"image_path": str(p)})
-                results.append(row)
-    finally:
-        model.train(was_training)
-    return results
-
-
-def predict_images_from_config(model, image_paths, cfg, out_dir, device) -> list[dict]:
-    """``predict_images`` with the eval transform and generation settings of a run config."""
-    e = cfg.eval
-    gen = dict(beam_size=e.beam_size, max_new_tokens=e.max_new_tokens, min_new_tokens=e.min_new_tokens,
-               repetition_penalty=e.repetition_penalty, length_penalty=e.length_penalty)
-    return predict_images(model, list(image_paths), build_transform(cfg.data.image_size, train=False), device,
-                          out_dir, gen, batch_size=cfg.data.eval_batch_size)

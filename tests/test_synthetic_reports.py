@@ -4,8 +4,8 @@ import pytest
 
 from datasets.synthetic import render_study
 from datasets.synthetic_reports import FINDINGS, finding_templates, make_report
-from utils.metrics.clinical import RuleLabeler
-from utils.metrics.observations import CHEXPERT_OBSERVATIONS, OBSERVATION_INDEX
+from vocab.labeler import RuleLabeler
+from vocab.observations import CHEXPERT_OBSERVATIONS, OBSERVATION_INDEX
 
 
 class FixedChoice:

@@ -1,4 +1,4 @@
-"""Launched by tests/test_ddp_equivalence.py with ``python`` (one process) or ``torchrun`` (two): one
+"""Launched by tests/test_train.py with ``python -m`` (one process) or ``torchrun`` (two): one
 epoch of the real SS-ACL through engine.train, then optionally generation over a split.
 
 Made deterministic across process counts: no augmentation (eval transform on train), dropout off, and
@@ -6,24 +6,23 @@ MAE masking noise drawn per sample from its dataset index (the model draws it fr
 Plain SGD without clipping, so that the parameters are a linear function of the gradients.
 """
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-import models.vit as vit  # noqa: E402
-from datasets.cxr import build_dataset  # noqa: E402
-from datasets.tokenizer import load_tokenizer  # noqa: E402
-from engine.evaluate import generate_and_score  # noqa: E402
-from engine.train import train_one_epoch  # noqa: E402
-from models.ssacl import SSACL  # noqa: E402
-from utils import run  # noqa: E402
-from utils.config import load_config  # noqa: E402
-from utils.lr_sched import param_groups  # noqa: E402
-from utils.dist import cleanup, init_distributed  # noqa: E402
+import models.vit as vit
+from datasets.cxr import build_dataset
+from datasets.tokenizer import load_tokenizer
+from engine.evaluate import generate_and_score
+from engine.train import train_one_epoch
+from models.ssacl import SSACL
+from datasets.loaders import eval_loader, train_loader
+from engine.optim import wrap_ddp
+from engine.setup import ensure_location_prior
+from utils.config import load_config
+from utils.lr_sched import param_groups
+from utils.dist import cleanup, init_distributed
 
 
 def per_sample_masking():
@@ -59,7 +58,7 @@ def main():
     text_tok, dec_tok = load_tokenizer(cfg.model.text.tokenizer), load_tokenizer(cfg.model.decoder.tokenizer)
     torch.manual_seed(0)
     model = SSACL.from_config(cfg, text_tok, dec_tok)
-    run.ensure_location_prior(model, cfg, info)  # the demo config's: estimated over the ranks' shards
+    ensure_location_prior(model, cfg, info)  # the demo config's: estimated over the ranks' shards
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
@@ -68,14 +67,14 @@ def main():
     # (AdamW and clipping are scale-invariant and would hide it).
     optimizer = torch.optim.SGD(param_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    model_ddp = run.wrap_ddp(model, cfg, info)
-    stats = train_one_epoch(model_ddp, run.train_loader(train_set, cfg, info), optimizer, scaler, 0, cfg,
+    model_ddp = wrap_ddp(model, cfg, info)
+    stats = train_one_epoch(model_ddp, train_loader(train_set, cfg, info), optimizer, scaler, 0, cfg,
                             info.device)
     if info.rank == 0:
         torch.save({"init": init, "params": model.state_dict(), "stats": stats}, args.out)
     if args.eval_split:
         dataset = build_dataset(cfg, args.eval_split, train=False)
-        metrics = generate_and_score(model_ddp, run.eval_loader(dataset, cfg, info), info.device, cfg,
+        metrics = generate_and_score(model_ddp, eval_loader(dataset, cfg, info), info.device, cfg,
                                      Path(args.out).parent / f"eval_{info.world_size}", prefix=args.eval_split)
         print(f"rank {info.rank} metrics {metrics}", force=True)
     cleanup()

@@ -1,4 +1,4 @@
-"""``python -m utils.metrics FILE.jsonl``: counts, language and clinical tables, JSON output, errors."""
+"""``python -m metrics FILE.jsonl``: counts, language and clinical tables, JSON output, errors."""
 import json
 import subprocess
 import sys
@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from utils.metrics import nlg
-from utils.metrics.__main__ import main, read_jsonl
-from utils.metrics.clinical import RuleLabeler, clinical_efficacy
+from metrics import nlg
+from metrics.__main__ import main
+from metrics.reports import read_jsonl
+from metrics.clinical import clinical_efficacy
+from vocab.labeler import RuleLabeler
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORDS = [
@@ -51,7 +53,7 @@ def test_cli_prints_counts_and_tables_and_writes_json(jsonl, tmp_path, capsys):
 
 
 def test_module_entry_point_with_meteor(jsonl):
-    proc = subprocess.run([sys.executable, "-m", "utils.metrics", str(jsonl)], cwd=ROOT, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "metrics", str(jsonl)], cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "Language (pycocoevalcap scorers" in proc.stdout and "Clinical efficacy" in proc.stdout

@@ -3,9 +3,10 @@
     python main_pretrain.py --config configs/demo.yaml
     torchrun --nproc_per_node=8 main_pretrain.py --config configs/pretrain_mimic.yaml --resume auto
 
-Everything is configured in YAML (configs/defaults.yaml names every key); ``--set key=value`` overrides.
-Writes output_dir/run_name/: config.yaml, log.txt, log_stats.jsonl, tensorboard/, tokenizers/,
-checkpoint-last.pth (resume), checkpoint-NNNN.pth, checkpoint-best.pth (by train.best_metric on VAL).
+Everything is configured in YAML (configs/defaults.yaml names every key); ``--set key=value``
+overrides. Writes output_dir/run_name/: config.yaml, log.txt, log_stats.jsonl, tensorboard/,
+tokenizers/, checkpoint-last.pth (resume), checkpoint-NNNN.pth, checkpoint-best.pth (by
+train.best_metric on VAL).
 """
 
 from __future__ import annotations

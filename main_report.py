@@ -4,10 +4,11 @@
     python main_report.py --config configs/demo_report.yaml --eval --checkpoint output/demo_report/checkpoint-best.pth
     python main_report.py --config configs/demo_report.yaml --predict a.png b.png --checkpoint CKPT
 
-Fine-tuning picks checkpoint-best.pth by a generation metric on the VAL split (train.best_metric, e.g.
-val/BLEU_4); ``--eval`` scores eval.split (default test) once, from ``--checkpoint``. Single process
-(``python``, CPU fine) or ``torchrun``. Outputs under output_dir/run_name/ (see main_pretrain.py), plus
-val/epoch_NNNN/, eval_<split>/ (generated.jsonl, metrics.json, overlays/) and predict/.
+Fine-tuning picks checkpoint-best.pth by a generation metric on the VAL split (train.best_metric,
+e.g. val/BLEU_4); ``--eval`` scores eval.split (default test) once, from ``--checkpoint``. Single
+process (``python``, CPU fine) or ``torchrun``. Outputs under output_dir/run_name/ (see
+main_pretrain.py), plus val/epoch_NNNN/, eval_<split>/ (generated.jsonl, metrics.json, overlays/)
+and predict/.
 """
 
 from __future__ import annotations
@@ -26,12 +27,22 @@ from utils.dist import cleanup, is_main_process
 
 def get_args_parser():
     p = setup.parser("SS-ACL report generation: fine-tune, --eval, --predict")
-    p.add_argument("--eval", action="store_true", help="score eval.split (default test) with --checkpoint")
+    p.add_argument(
+        "--eval", action="store_true", help="score eval.split (default test) with --checkpoint"
+    )
     p.add_argument("--checkpoint", default=None, help="SS-ACL checkpoint for --eval / --predict")
-    p.add_argument("--predict", nargs="+", default=None, metavar="IMAGE",
-                   help="write report, entities and heatmaps for these images (no annotation needed)")
-    p.add_argument("--visualize", action="store_true",
-                   help="with --eval: heatmap overlays for every study (default: the first eval.num_visualize)")
+    p.add_argument(
+        "--predict",
+        nargs="+",
+        default=None,
+        metavar="IMAGE",
+        help="write report, entities and heatmaps for these images (no annotation needed)",
+    )
+    p.add_argument(
+        "--visualize",
+        action="store_true",
+        help="with --eval: heatmap overlays for every study (default: the first eval.num_visualize)",
+    )
     return p
 
 
@@ -40,8 +51,17 @@ def finetune(cfg):
     run = setup.prepare_training(cfg, info, run_dir)
 
     def validate(epoch, step):
-        val = generate_and_score(run.model, run.val_loader, info.device, cfg, run_dir / "val" / f"epoch_{epoch:04d}",
-                                 tb=tb, epoch=epoch, prefix="val", step=step)
+        val = generate_and_score(
+            run.model,
+            run.val_loader,
+            info.device,
+            cfg,
+            run_dir / "val" / f"epoch_{epoch:04d}",
+            tb=tb,
+            epoch=epoch,
+            prefix="val",
+            step=step,
+        )
         return {f"val/{k}": v for k, v in val.items()}
 
     train_epochs(run, cfg, info.device, tb, run_dir, validate)
@@ -56,8 +76,16 @@ def evaluate(cfg, checkpoint, visualize_all: bool):
     split = cfg.eval.split
     dataset = build_dataset(cfg, split, train=False)
     print(f"{split}: {len(dataset)} samples")
-    metrics = generate_and_score(model, eval_loader(dataset, cfg, info), info.device, cfg, run_dir / f"eval_{split}",
-                                 tb=tb, prefix=split, num_visualize=len(dataset) if visualize_all else None)
+    metrics = generate_and_score(
+        model,
+        eval_loader(dataset, cfg, info),
+        info.device,
+        cfg,
+        run_dir / f"eval_{split}",
+        tb=tb,
+        prefix=split,
+        num_visualize=len(dataset) if visualize_all else None,
+    )
     print(f"wrote {run_dir / f'eval_{split}'}/generated.jsonl and metrics.json")
     tb.close()
     return metrics
@@ -69,7 +97,11 @@ def predict(cfg, checkpoint, images):
     if is_main_process():
         rows = predict_images_from_config(model, images, cfg, run_dir / "predict", info.device)
         for r in rows:
-            print(json.dumps({k: r[k] for k in ("id", "image_path", "report", "entities", "anatomies")}))
+            print(
+                json.dumps(
+                    {k: r[k] for k in ("id", "image_path", "report", "entities", "anatomies")}
+                )
+            )
         print(f"wrote {run_dir / 'predict'}")
 
 

@@ -1,5 +1,5 @@
-"""R2Gen ``annotation.json``: ``{"train"|"val"|"test": [{"id", "report", "image_path": [...], ...}]}``,
-read and validated; a problem is a DataError naming the file, the record and the field."""
+"""R2Gen ``annotation.json``: ``{"train"|"val"|"test": [{"id", "report", "image_path": [...],
+...}]}``, read and validated; a problem is a DataError naming the file, the record and the field."""
 from __future__ import annotations
 
 import json
@@ -51,10 +51,17 @@ def validate_record(rec, path: str | Path, pos: int) -> str | None:
     if not isinstance(paths, list) or not paths or not all(isinstance(p, str) and p for p in paths):
         return f"{where}: field 'image_path' must be a non-empty list of paths"
     labels = rec.get("labels")
-    if labels is not None and (not isinstance(labels, list) or len(labels) != 14 or not all(
-            v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in labels)):
+    if labels is not None and (
+        not isinstance(labels, list)
+        or len(labels) != 14
+        or not all(
+            v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in labels
+        )
+    ):
         return f"{where}: field 'labels' must be a list of 14 numbers or nulls"
     anat = rec.get("anatomies")
-    if anat is not None and (not isinstance(anat, list) or not all(isinstance(a, str) for a in anat)):
+    if anat is not None and (
+        not isinstance(anat, list) or not all(isinstance(a, str) for a in anat)
+    ):
         return f"{where}: field 'anatomies' must be a list of anatomy names"
     return None

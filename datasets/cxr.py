@@ -71,7 +71,9 @@ def _minmax(a: np.ndarray) -> np.ndarray:
 def build_transform(image_size: int, train: bool, scale=(0.85, 1.0)):
     """``[1,H,W]`` in [0,1] -> normalised ``[3,S,S]``. No flip, train or eval."""
     if train:
-        resize = v2.RandomResizedCrop(image_size, scale=tuple(scale), ratio=(0.9, 1 / 0.9), antialias=True)
+        resize = v2.RandomResizedCrop(
+            image_size, scale=tuple(scale), ratio=(0.9, 1 / 0.9), antialias=True
+        )
     else:
         resize = v2.Resize((image_size, image_size), antialias=True)
 
@@ -138,7 +140,8 @@ class CXRDataset(Dataset):
         return counts
 
     def bad_summary(self, max_names: int = 5) -> str:
-        """One line per kind of skipped input with the first few names; '' if nothing was skipped."""
+        """One line per kind of skipped input with the first few names; '' if nothing was
+        skipped."""
         msgs = {k: list(v) for k, v in self._load_bad.items()}
         msgs["unreadable_image"] = [f"{self.samples[i].record}: {self.samples[i].path}"
                                     for i in self._unreadable.nonzero().flatten().tolist()]
@@ -175,7 +178,8 @@ def build_dataset(cfg, split: str, train: bool, graph=None) -> CXRDataset:
     d = cfg.data
     if d.views not in ("first_frontal", "all"):
         raise ValueError(f"data.views must be 'first_frontal' or 'all', got {d.views!r}")
-    strict = graph is not None or cfg.model.graph == "default"   # synthetic graphs: anatomies unused
+    # synthetic graphs: anatomies unused
+    strict = graph is not None or cfg.model.graph == "default"
     graph = graph or graph_from_name(cfg.model.graph)
     ann = Path(d.annotation)
     root = Path(d.image_root) if d.image_root else ann.parent
@@ -210,7 +214,10 @@ def build_dataset(cfg, split: str, train: bool, graph=None) -> CXRDataset:
         for k, rel in enumerate(paths):
             path = root / rel
             if not path.is_file():
-                reject("missing_image", f"{ann}: {where}: image file {path} not found (field 'image_path')")
+                reject(
+                    "missing_image",
+                    f"{ann}: {where}: image file {path} not found (field 'image_path')",
+                )
                 continue
             sid = str(rec["id"]) if len(paths) == 1 else f"{rec['id']}_{k}"
             samples.append(Sample(sid, report, path, where))
@@ -222,10 +229,14 @@ def build_dataset(cfg, split: str, train: bool, graph=None) -> CXRDataset:
         reports = sorted({samples[i].report for i in missing})
         by_report = dict(zip(reports, rule_labels(reports)))
         for i in missing:
-            raw_labels[i] = [None if np.isnan(v) else float(v) for v in by_report[samples[i].report]]
+            raw_labels[i] = [
+                None if np.isnan(v) else float(v) for v in by_report[samples[i].report]
+            ]
     labels = torch.from_numpy(np.stack([binarize_labels(v, d.uncertain_as) for v in raw_labels])
                               if samples else np.zeros((0, 14), np.float32))
-    anatomies = torch.stack(anat_rows) if samples else torch.zeros(0, graph.num_leaves, dtype=torch.bool)
+    anatomies = (
+        torch.stack(anat_rows) if samples else torch.zeros(0, graph.num_leaves, dtype=torch.bool)
+    )
     transform = build_transform(d.image_size, train, d.random_resized_crop)
     ds = CXRDataset(samples, labels, anatomies, transform, d.skip_bad, str(ann), bad)
     if ds.bad_summary():
@@ -234,8 +245,8 @@ def build_dataset(cfg, split: str, train: bool, graph=None) -> CXRDataset:
 
 
 def _anatomy_mask(rec: dict, report: str, graph, strict: bool = True) -> torch.Tensor:
-    """Leaf mask of the leaves where the report places its findings: the record's "anatomies" when it
-    has the field ([] = a normal study: no leaf), else ``finding_anatomies`` of the report.
+    """Leaf mask of the leaves where the report places its findings: the record's "anatomies" when
+    it has the field ([] = a normal study: no leaf), else ``finding_anatomies`` of the report.
     Not ``strict`` (a graph other than the default): names the graph lacks are ignored."""
     names = rec.get("anatomies")
     if names is None:

@@ -1,4 +1,5 @@
-"""Data loaders of a run: sharded over ranks, resumable part-way through an epoch, and moved to the device."""
+"""Data loaders of a run: sharded over ranks, resumable part-way through an epoch, and moved to the
+device."""
 from __future__ import annotations
 
 import torch
@@ -24,8 +25,15 @@ class ResumableSampler(DistributedSampler):
 
 
 def _loader(dataset, sampler, batch_size: int, data_cfg, device, drop_last: bool) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=data_cfg.num_workers,
-                      collate_fn=collate, pin_memory=device.type == "cuda", drop_last=drop_last)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=data_cfg.num_workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+        drop_last=drop_last,
+    )
 
 
 def train_loader(dataset, cfg, info) -> DataLoader:
@@ -34,19 +42,27 @@ def train_loader(dataset, cfg, info) -> DataLoader:
     sampler = ResumableSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                                seed=cfg.seed, drop_last=True)
     if len(sampler) < cfg.data.batch_size:
-        raise ValueError(f"{len(dataset)} training samples over {info.world_size} ranks give fewer than "
-                         f"one batch of data.batch_size={cfg.data.batch_size}")
+        raise ValueError(
+            f"{len(dataset)} training samples over {info.world_size} ranks give fewer than "
+            f"one batch of data.batch_size={cfg.data.batch_size}"
+        )
     return _loader(dataset, sampler, cfg.data.batch_size, cfg.data, info.device, drop_last=True)
 
 
 def eval_loader(dataset, cfg, info) -> DataLoader:
-    """In order, sharded over ranks; the sampler pads the last shards (callers de-duplicate by index)."""
-    sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=False)
-    return _loader(dataset, sampler, cfg.data.eval_batch_size, cfg.data, info.device, drop_last=False)
+    """In order, sharded over ranks; the sampler pads the last shards (callers de-duplicate by
+    index)."""
+    sampler = DistributedSampler(
+        dataset, num_replicas=info.world_size, rank=info.rank, shuffle=False
+    )
+    return _loader(
+        dataset, sampler, cfg.data.eval_batch_size, cfg.data, info.device, drop_last=False
+    )
 
 
 def subset_loader(dataset, limit: int, cfg, info) -> DataLoader:
-    """A fixed random subset of ``limit`` samples (0 = all), drawn from cfg.seed, split over ranks."""
+    """A fixed random subset of ``limit`` samples (0 = all), drawn from cfg.seed, split over
+    ranks."""
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     chosen = order[:limit] if limit > 0 else order
     shard = Subset(dataset, chosen[info.rank :: info.world_size])
@@ -55,4 +71,6 @@ def subset_loader(dataset, limit: int, cfg, info) -> DataLoader:
 
 def to_device(batch: dict, device) -> dict:
     """Tensors to ``device`` (non_blocking); lists of ids/reports stay where they are."""
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return {
+        k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
+    }

@@ -44,6 +44,7 @@ negates, null otherwise; "No Finding" 1 when nothing but support devices and unl
 findings is present. The finding catalogue, the planning of a study's findings and the
 report text live in datasets/synthetic_reports.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,6 +62,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 from scipy.special import expit
+from tqdm import tqdm
 
 from datasets.synthetic_reports import FINDINGS, SIDES, extra_anatomies, make_report, plan_findings
 from vocab.anatomy_graph import AnatomyGraph
@@ -77,13 +79,33 @@ def leaf_file(name: str) -> str:
 
 def _sample_anatomy(rng) -> dict:
     u = rng.uniform
-    p = {"theta": u(-0.07, 0.07), "scale": u(0.93, 1.05), "shift": (u(-0.03, 0.03), u(-0.03, 0.03)),
-         "y_top": u(0.11, 0.15), "d_out": u(0.37, 0.40), "d_c": u(0.17, 0.20), "dome_h": u(0.05, 0.08),
-         "y_cp": {"right": u(0.75, 0.79)}, "w_med": u(0.05, 0.065), "w_upper": None,
-         "heart": [0.5 + u(0.03, 0.055), u(0.64, 0.68), u(0.145, 0.17), u(0.11, 0.125), u(0.25, 0.42)],
-         "y_car": u(0.33, 0.37), "y_hil": {"right": u(0.43, 0.47)}, "clav": (u(0.17, 0.21), u(0.11, 0.14)),
-         "fracture": None, "rib_phase": u(0, 1), "rib_period": u(0.085, 0.1),
-         "tissue": u(0.44, 0.54), "lung_dark": u(0.27, 0.34)}
+    p = {
+        "theta": u(-0.07, 0.07),
+        "scale": u(0.93, 1.05),
+        "shift": (u(-0.03, 0.03), u(-0.03, 0.03)),
+        "y_top": u(0.11, 0.15),
+        "d_out": u(0.37, 0.40),
+        "d_c": u(0.17, 0.20),
+        "dome_h": u(0.05, 0.08),
+        "y_cp": {"right": u(0.75, 0.79)},
+        "w_med": u(0.05, 0.065),
+        "w_upper": None,
+        "heart": [
+            0.5 + u(0.03, 0.055),
+            u(0.64, 0.68),
+            u(0.145, 0.17),
+            u(0.11, 0.125),
+            u(0.25, 0.42),
+        ],
+        "y_car": u(0.33, 0.37),
+        "y_hil": {"right": u(0.43, 0.47)},
+        "clav": (u(0.17, 0.21), u(0.11, 0.14)),
+        "fracture": None,
+        "rib_phase": u(0, 1),
+        "rib_period": u(0.085, 0.1),
+        "tissue": u(0.44, 0.54),
+        "lung_dark": u(0.27, 0.34),
+    }
     p["y_cp"]["left"] = p["y_cp"]["right"] + u(0.005, 0.035)
     p["heart_floor"] = p["y_cp"]["right"] + 0.02
     p["y_hil"]["left"] = p["y_hil"]["right"] - u(0.0, 0.03)
@@ -177,7 +199,9 @@ def _regions(p, X, Y) -> tuple[dict, dict]:
         R[f"{s} costophrenic angle"] = lung & (Y > y_cp - 0.18) & (ds > p["d_out"] - 0.21)
         R[f"{s} hemidiaphragm"] = ((Y > dome - 0.012) & (Y < dome + 0.035) & (ds > 0.02)
                                    & (ds < p["d_out"] + 0.01) & ~heart)
-        R[f"{s} hilar structures"] = (((ds - 0.115) / 0.075) ** 2 + ((Y - p["y_hil"][s]) / 0.095) ** 2 < 1) & (ds > 0.04)
+        R[f"{s} hilar structures"] = (
+            ((ds - 0.115) / 0.075) ** 2 + ((Y - p["y_hil"][s]) / 0.095) ** 2 < 1
+        ) & (ds > 0.04)
         y_cl = _clavicle_y(p, ds)
         bone = (np.abs(Y - y_cl) < CLAVICLE_HALF) & (ds > 0.035) & (ds < 0.335)
         clav_region = bone
@@ -220,13 +244,17 @@ def _smooth_noise(rng, shape, sigma):
 
 
 def _blur_local(mask: np.ndarray, sigma: float) -> np.ndarray:
-    """Gaussian blur of a bool mask computed on its bounding box only (a mask's blur is 0 far from it)."""
+    """Gaussian blur of a bool mask computed on its bounding box only (a mask's blur is 0 far
+    from it)."""
     out = np.zeros(mask.shape, np.float32)
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
     if rows.size == 0:
         return out
     pad = int(4 * sigma) + 2
-    sl = (slice(max(rows[0] - pad, 0), rows[-1] + pad + 1), slice(max(cols[0] - pad, 0), cols[-1] + pad + 1))
+    sl = (
+        slice(max(rows[0] - pad, 0), rows[-1] + pad + 1),
+        slice(max(cols[0] - pad, 0), cols[-1] + pad + 1),
+    )
     out[sl] = ndimage.gaussian_filter(mask[sl].astype(np.float32), sigma, mode="constant")
     return out
 
@@ -240,7 +268,9 @@ def _draw_base(p, R, E, X, Y, rng, px):
     lung_soft = _blur(lung, 1.2 * px)
     # ribs: bands curving down laterally, only seen over the lungs
     dd = np.abs(X - mid)
-    rib = 0.5 + 0.5 * np.cos(2 * np.pi * ((Y - 0.9 * dd ** 2 - 0.15 * dd) / p["rib_period"] + p["rib_phase"]))
+    rib = 0.5 + 0.5 * np.cos(
+        2 * np.pi * ((Y - 0.9 * dd**2 - 0.15 * dd) / p["rib_period"] + p["rib_phase"])
+    )
     markings = _smooth_noise(rng, (S, S), 1.5 * px)
     img -= p["lung_dark"] * lung_soft
     img += lung_soft * (0.06 * (rib > 0.75) + 0.025 * markings)
@@ -248,7 +278,12 @@ def _draw_base(p, R, E, X, Y, rng, px):
         hil = np.exp(-(((E["d"][s] - 0.1) / 0.045) ** 2 + ((Y - p["y_hil"][s]) / 0.06) ** 2))
         img += 0.1 * hil * lung_soft
     img += 0.12 * E["med"] + 0.15 * E["heart"] + 0.12 * R["aortic arch"]
-    img += 0.08 * (R["superior vena cava"] & ~E["lungs"]["right"] & (X < mid - p["w_med"] + 0.002) & (X > mid - p["w_med"] - 0.018))
+    img += 0.08 * (
+        R["superior vena cava"]
+        & ~E["lungs"]["right"]
+        & (X < mid - p["w_med"] + 0.002)
+        & (X > mid - p["w_med"] - 0.018)
+    )
     sp = R["spine"]
     img[sp] += 0.1 + 0.02 * np.cos(2 * np.pi * Y[sp] / 0.05)   # vertebral bodies
     img -= 0.16 * R["trachea"]
@@ -256,7 +291,9 @@ def _draw_base(p, R, E, X, Y, rng, px):
         bro = _seg_dist(X, Y, (mid, p["y_car"]), (mid + sgn * 0.07, p["y_car"] + 0.07)) < 0.008
         img -= 0.1 * bro
     img += 0.22 * (E["clavicle bones"]["right"] | E["clavicle bones"]["left"])
-    gastric = (((X - mid - 0.19) / 0.07) ** 2 + ((Y - E["domes"]["left"] - 0.06) / 0.04) ** 2 < 1) & R["abdomen"]
+    gastric = (
+        ((X - mid - 0.19) / 0.07) ** 2 + ((Y - E["domes"]["left"] - 0.06) / 0.04) ** 2 < 1
+    ) & R["abdomen"]
     img -= 0.2 * gastric
     return img, lung_soft
 
@@ -273,16 +310,20 @@ def _pick_center(zone, X, Y, rng, margin_px):
         for _ in range(40):
             k = int(pts[rng.integers(pts.size)])
             i, j = divmod(k, S)
-            if all(0 <= i + a * margin < S and 0 <= j + b * margin < S and zone[i + a * margin, j + b * margin]
-                   for a, b in dirs):
+            if all(
+                0 <= i + a * margin < S
+                and 0 <= j + b * margin < S
+                and zone[i + a * margin, j + b * margin]
+                for a, b in dirs
+            ):
                 return float(X.flat[k]), float(Y.flat[k])
     k = pts[rng.integers(pts.size)]
     return float(X.flat[k]), float(Y.flat[k])
 
 
 def _tube(X, Y, path, half_width: float, r_unit: float) -> np.ndarray:
-    """A polyline through ``path`` (canonical points): 1 on the line, 0 off it, a one-pixel soft edge
-    (``r_unit`` pixels per canonical unit)."""
+    """A polyline through ``path`` (canonical points): 1 on the line, 0 off it, a one-pixel soft
+    edge (``r_unit`` pixels per canonical unit)."""
     dist = np.minimum.reduce([_seg_dist(X, Y, a, b) for a, b in zip(path[:-1], path[1:])])
     return np.clip((half_width - dist) * r_unit + 0.5, 0, 1)
 
@@ -306,7 +347,11 @@ def _draw_findings(events, p, R, E, X, Y, img, lung_soft, rng, px, S):
                 mask = (rho < r) & zone
             elif t == "atelectasis":
                 cx, cy = _pick_center(zone, X, Y, rng, 0.04 * r_unit)
-                a, L, w = rng.uniform(-0.35, 0.35), rng.uniform(0.07, 0.1), rng.uniform(0.011, 0.016)
+                a, L, w = (
+                    rng.uniform(-0.35, 0.35),
+                    rng.uniform(0.07, 0.1),
+                    rng.uniform(0.011, 0.016),
+                )
                 dist = _seg_dist(X, Y, (cx - L * math.cos(a), cy - L * math.sin(a)),
                                  (cx + L * math.cos(a), cy + L * math.sin(a)))
                 g = np.clip((w - dist) / 0.008 + 0.5, 0, 1) * zone_soft
@@ -324,7 +369,15 @@ def _draw_findings(events, p, R, E, X, Y, img, lung_soft, rng, px, S):
                 if big:   # air bronchograms
                     for _ in range(2):
                         a = rng.uniform(0, 2 * math.pi)
-                        bro = _seg_dist(X, Y, (cx, cy), (cx + 0.6 * r * math.cos(a), cy + 0.6 * r * math.sin(a))) < 0.005
+                        bro = (
+                            _seg_dist(
+                                X,
+                                Y,
+                                (cx, cy),
+                                (cx + 0.6 * r * math.cos(a), cy + 0.6 * r * math.sin(a)),
+                            )
+                            < 0.005
+                        )
                         img -= 0.12 * bro * g
                 mask = (g > (0.5 if big else 0.35)) & zone
             out.append((t, leaf, mask))
@@ -352,7 +405,9 @@ def _draw_findings(events, p, R, E, X, Y, img, lung_soft, rng, px, S):
         elif t == "edema":
             g = {}
             for s in SIDES:
-                g[s] = np.exp(-(((E["d"][s] - 0.12) / 0.06) ** 2 + ((Y - p["y_hil"][s]) / 0.08) ** 2) / 2)
+                g[s] = np.exp(
+                    -(((E["d"][s] - 0.12) / 0.06) ** 2 + ((Y - p["y_hil"][s]) / 0.08) ** 2) / 2
+                )
             tex = _smooth_noise(rng, (S, S), 1.5 * px)
             amp = rng.uniform(0.25, 0.3)
             img += amp * (g["right"] + g["left"]) * (0.85 + 0.15 * tex) * lung_soft
@@ -361,7 +416,8 @@ def _draw_findings(events, p, R, E, X, Y, img, lung_soft, rng, px, S):
         elif t == "cardiomegaly":
             out.append((t, leaf, R["right atrium"] | R["cavoatrial junction"]))   # drawn via params
         elif t == "widened_mediastinum":
-            out.append((t, leaf, R["upper mediastinum"]))                          # drawn via params
+            # drawn via params
+            out.append((t, leaf, R["upper mediastinum"]))
         elif t == "fracture":
             fr = p["fracture"]
             near = np.abs(E["d"][fr["side"]] - fr["d"]) < 0.04
@@ -374,37 +430,65 @@ def _draw_findings(events, p, R, E, X, Y, img, lung_soft, rng, px, S):
             rho = np.hypot(X - cx, Y - cy)
             img += rng.uniform(0.3, 0.36) * np.clip((r - rho) / 0.008 + 0.5, 0, 1)
             out.append((t, leaf, (rho < r) & R[leaf]))
-        elif t == "endotracheal_tube":      # down the trachea; tip mid-trachea, or at the carina (too low)
-            y_tip = p["y_car"] + (rng.uniform(-0.005, 0.01) if leaf == "carina" else -rng.uniform(0.08, 0.13))
+        # down the trachea; tip mid-trachea, or at the carina (too low)
+        elif t == "endotracheal_tube":
+            y_tip = p["y_car"] + (
+                rng.uniform(-0.005, 0.01) if leaf == "carina" else -rng.uniform(0.08, 0.13)
+            )
             tip = (0.5 + rng.uniform(-0.004, 0.004), y_tip)
             path = [(0.5 + rng.uniform(-0.01, 0.01), 0.0), tip]
             img += 0.5 * _tube(X, Y, path, wide_tube, r_unit)
             out.append((t, leaf, _disc(X, Y, tip[0], tip[1], 0.035) & R[leaf]))
-        elif t == "enteric_tube":           # down the oesophagus, through the left dome, into the stomach
-            y_dome = p["y_cp"]["left"] - p["dome_h"]                                  # top of the left dome
+        # down the oesophagus, through the left dome, into the stomach
+        elif t == "enteric_tube":
+            # top of the left dome
+            y_dome = p["y_cp"]["left"] - p["dome_h"]
             tip = (0.5 + rng.uniform(0.15, 0.22), y_dome + rng.uniform(0.07, 0.1))
-            path = [(0.5 - 0.01, 0.0), (0.5 + 0.015, p["y_car"] + 0.05), (0.5 + 0.04, y_dome + 0.02), tip]
+            path = [
+                (0.5 - 0.01, 0.0),
+                (0.5 + 0.015, p["y_car"] + 0.05),
+                (0.5 + 0.04, y_dome + 0.02),
+                tip,
+            ]
             img += 0.5 * _tube(X, Y, path, wide_tube, r_unit)
             out.append((t, leaf, _disc(X, Y, tip[0], tip[1], 0.035) & R[leaf]))
-        elif t == "vertebral_fracture":     # a flattened, sclerotic vertebral body, wider than the column
+        # a flattened, sclerotic vertebral body, wider than the column
+        elif t == "vertebral_fracture":
             y_f = rng.uniform(0.3, 0.6)
             band = (np.abs(Y - y_f) < 0.016) & (np.abs(X - 0.5) < 0.045)
             img += rng.uniform(0.26, 0.32) * _blur_local(band, 0.5 * px)
             out.append((t, leaf, R[leaf] & (np.abs(Y - y_f) < 0.03)))
         elif t == "elevated_hemidiaphragm":
-            out.append((t, leaf, R[leaf]))                                          # drawn via params
+            # drawn via params
+            out.append((t, leaf, R[leaf]))
         elif t == "aortic_calcification":   # a dense rim on the aortic knob
             cx, cy = 0.5 + p["w_med"] + 0.01, 0.335
             rho = np.hypot(X - cx, Y - cy)
-            img += rng.uniform(0.26, 0.32) * np.clip((0.036 - rho) / 0.008 + 0.5, 0, 1) * (rho > 0.01)
+            img += (
+                rng.uniform(0.26, 0.32) * np.clip((0.036 - rho) / 0.008 + 0.5, 0, 1) * (rho > 0.01)
+            )
             out.append((t, leaf, R[leaf]))
         elif t == "support_device":
             x_caj, y_caj = E["x_caj"], E["y_caj"]
-            tip = (x_caj, y_caj) if leaf == "cavoatrial junction" else (x_caj, rng.uniform(0.29, y_caj - 0.1))
+            tip = (
+                (x_caj, y_caj)
+                if leaf == "cavoatrial junction"
+                else (x_caj, rng.uniform(0.29, y_caj - 0.1))
+            )
             if ev["entry"] == "right":
-                path = [(0.5 - rng.uniform(0.17, 0.22), 0.02), (x_caj - 0.01, 0.19), (x_caj, 0.24), tip]
+                path = [
+                    (0.5 - rng.uniform(0.17, 0.22), 0.02),
+                    (x_caj - 0.01, 0.19),
+                    (x_caj, 0.24),
+                    tip,
+                ]
             else:
-                path = [(0.5 + rng.uniform(0.26, 0.3), 0.23), (0.5 + 0.06, 0.215), (x_caj + 0.005, 0.235), tip]
+                path = [
+                    (0.5 + rng.uniform(0.26, 0.3), 0.23),
+                    (0.5 + 0.06, 0.215),
+                    (x_caj + 0.005, 0.235),
+                    tip,
+                ]
             img += 0.45 * _tube(X, Y, path, max(0.0045, 0.6 / r_unit), r_unit)
             out.append((t, leaf, _disc(X, Y, tip[0], tip[1], 0.025) & R[leaf]))
     return out
@@ -430,9 +514,12 @@ def render_study(index: int, size: int = 224, seed: int = 0, normal_frac: float 
         if ev["type"] == "fracture":
             p["fracture"] = {"side": ev["leaf"].split()[0], "d": rng.uniform(0.13, 0.25),
                              "gap": rng.uniform(0.03, 0.04), "step": rng.uniform(0.035, 0.045)}
-        elif ev["type"] == "elevated_hemidiaphragm":   # that lung base ends well above the other one
+        # that lung base ends well above the other one
+        elif ev["type"] == "elevated_hemidiaphragm":
             side = ev["leaf"].split()[0]
-            p["y_cp"][side] = p["y_cp"]["left" if side == "right" else "right"] - rng.uniform(0.045, 0.065)
+            p["y_cp"][side] = p["y_cp"]["left" if side == "right" else "right"] - rng.uniform(
+                0.045, 0.065
+            )
     # canonical coordinates of every pixel centre (inverse of the rotation/scale/shift jitter)
     S = size
     px = S / 224.0
@@ -448,13 +535,16 @@ def render_study(index: int, size: int = 224, seed: int = 0, normal_frac: float 
     img = _blur(img, 0.6 * px)
     img += rng.uniform(0.012, 0.028) * rng.standard_normal((S, S)).astype(np.float32)
     img = (img - 0.4) * rng.uniform(0.85, 1.15) + 0.4 + rng.uniform(-0.05, 0.05)
-    lut = ((np.linspace(0, 1, 1024) ** rng.uniform(0.85, 1.15)) * 255 + 0.5).astype(np.uint8)   # gamma
+    # gamma
+    lut = ((np.linspace(0, 1, 1024) ** rng.uniform(0.85, 1.15)) * 255 + 0.5).astype(np.uint8)
     image = lut[(np.clip(img, 0, 1) * 1023 + 0.5).astype(np.int32)]
 
     report, labels = make_report(events, rng)
     anat = {lf for t, lf, _ in found} | {a for ev in events for a in extra_anatomies(ev)}
     anatomies = [n for n in GRAPH.leaf_names if n in anat]
-    findings = [{"type": t, "observation": FINDINGS[t][0], "anatomy": lf, "mask": m} for t, lf, m in found]
+    findings = [
+        {"type": t, "observation": FINDINGS[t][0], "anatomy": lf, "mask": m} for t, lf, m in found
+    ]
     return {"image": image, "regions": {n: R[n] for n in GRAPH.leaf_names}, "findings": findings,
             "report": report, "labels": labels, "anatomies": anatomies}
 
@@ -493,9 +583,24 @@ def _write_study(job) -> dict:
     for k, f in enumerate(st["findings"]):
         rel = f"masks/{sid}/finding_{k}.png"
         _png(f["mask"].astype(np.uint8) * 255, out / rel)
-        findings.append({"type": f["type"], "observation": f["observation"], "anatomy": f["anatomy"], "mask": rel})
-    return {"id": sid, "report": st["report"], "image_path": [f"{sid}.png"], "split": split,
-            "labels": st["labels"], "anatomies": st["anatomies"], "findings": findings, "regions": regions}
+        findings.append(
+            {
+                "type": f["type"],
+                "observation": f["observation"],
+                "anatomy": f["anatomy"],
+                "mask": rel,
+            }
+        )
+    return {
+        "id": sid,
+        "report": st["report"],
+        "image_path": [f"{sid}.png"],
+        "split": split,
+        "labels": st["labels"],
+        "anatomies": st["anatomies"],
+        "findings": findings,
+        "regions": regions,
+    }
 
 
 def generate(out, n: int, size: int = 224, seed: int = 0, workers: int | None = None,
@@ -534,7 +639,6 @@ def generate(out, n: int, size: int = 224, seed: int = 0, workers: int | None = 
 def _progress(it, total, show):
     if not show:
         return it
-    from tqdm import tqdm
     return tqdm(it, total=total, desc="synthetic studies", unit="study")
 
 
@@ -550,8 +654,17 @@ def main(argv=None) -> None:
     ap.add_argument("--normal-frac", type=float, default=0.3)
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    path = generate(args.out, args.n, args.size, args.seed, args.workers, args.val_frac, args.test_frac,
-                    args.normal_frac, progress=True)
+    path = generate(
+        args.out,
+        args.n,
+        args.size,
+        args.seed,
+        args.workers,
+        args.val_frac,
+        args.test_frac,
+        args.normal_frac,
+        progress=True,
+    )
     dt = time.perf_counter() - t0
     with open(path) as f:
         counts = {k: len(v) for k, v in json.load(f).items()}

@@ -16,8 +16,15 @@ import logging
 from pathlib import Path
 
 import torch
-
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerFast
 
 from utils.dist import barrier, is_main_process
@@ -38,12 +45,15 @@ def _save(tok: PreTrainedTokenizerFast, save_dir) -> PreTrainedTokenizerFast:
 
 
 def train_wordpiece(texts, vocab_size: int, save_dir=None) -> PreTrainedTokenizerFast:
-    """A lower-cased BERT WordPiece tokenizer trained on ``texts`` (saved to ``save_dir`` if given)."""
+    """A lower-cased BERT WordPiece tokenizer trained on ``texts`` (saved to ``save_dir`` if
+    given)."""
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     specials = list(BERT_SPECIALS.values())
-    tok.train_from_iterator(list(texts), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    tok.train_from_iterator(
+        list(texts), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials)
+    )
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
@@ -55,14 +65,17 @@ def train_wordpiece(texts, vocab_size: int, save_dir=None) -> PreTrainedTokenize
 
 
 def train_bpe(texts, vocab_size: int, save_dir=None) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on ``texts`` with bos/eos/pad (saved to ``save_dir`` if given)."""
+    """A byte-level BPE tokenizer trained on ``texts`` with bos/eos/pad (saved to ``save_dir`` if
+    given)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(BPE_SPECIALS.values()),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(list(texts), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False, **BPE_SPECIALS)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, clean_up_tokenization_spaces=False, **BPE_SPECIALS
+    )
     return _save(fast, save_dir)
 
 
@@ -107,8 +120,8 @@ def _build_one(name: str, given, model_path, train_fn, texts, vocab_size, save_d
 
 
 def build_tokenizers(cfg, train_reports, save_dir=None):
-    """(text_tokenizer, decoder_tokenizer) for ``cfg``: local folders from cfg.model.text.tokenizer /
-    cfg.model.decoder.tokenizer (or the tokenizer inside cfg.model.*.path), else trained on
+    """(text_tokenizer, decoder_tokenizer) for ``cfg``: local folders from cfg.model.text.tokenizer
+    / cfg.model.decoder.tokenizer (or the tokenizer inside cfg.model.*.path), else trained on
     ``train_reports``. With ``save_dir`` both are saved to save_dir/{text,decoder}_tokenizer and
     reloaded from there on the next call (resume, other ranks after a barrier)."""
     texts = list(train_reports)
@@ -125,10 +138,11 @@ TOKENIZER_DIRS = {"text": "tokenizers/text_tokenizer", "decoder": "tokenizers/de
 
 def run_tokenizers(cfg, train_reports, run_dir, inherit: dict | None = None):
     """The run's tokenizers, saved under run_dir/tokenizers/ so that its checkpoints reload without
-    the data: the run dir's own (resume) > ``inherit`` (folders of the pretraining run, used where the
-    config names none) > cfg.model.*.tokenizer > trained on ``train_reports``. Rank 0 builds, the
-    others load. cfg.model.*.tokenizer then point at the saved folders. Returns
-    (text_tok, decoder_tok, folders relative to the run dir) - the latter go into every checkpoint."""
+    the data: the run dir's own (resume) > ``inherit`` (folders of the pretraining run, used
+    where the config names none) > cfg.model.*.tokenizer > trained on ``train_reports``. Rank 0
+    builds, the others load. cfg.model.*.tokenizer then point at the saved folders. Returns
+    (text_tok, decoder_tok, folders relative to the run dir) - the latter go into every
+    checkpoint."""
     for key, folder in (inherit or {}).items():
         section = cfg.model.text if key == "text" else cfg.model.decoder
         if not section.tokenizer:

@@ -10,6 +10,7 @@ Pillow only (hand-written jet colormap, ImageDraw captions). Files of one study,
 A sentence's heatmap is the mean of the leaves it names (models/heatmaps.py); a sentence naming no
 anatomy gets the mean over the study's predicted anatomies (the leaves the decoder saw).
 """
+
 from __future__ import annotations
 
 import json
@@ -43,7 +44,8 @@ def denormalize(image: torch.Tensor, mean: float = MEAN, std: float = STD) -> np
 
 
 def _gray(image) -> np.ndarray:
-    """Grayscale ``[H,W]``, ``[1|3,H,W]`` or ``[H,W,1|3]`` (floats in [0,1], uint8, or any range) -> uint8."""
+    """Grayscale ``[H,W]``, ``[1|3,H,W]`` or ``[H,W,1|3]`` (floats in [0,1], uint8, or any range) ->
+    uint8."""
     a = image.detach().float().cpu().numpy() if torch.is_tensor(image) else np.asarray(image)
     if a.ndim == 3:
         a = a[0] if a.shape[0] in (1, 3) else a[..., 0]
@@ -63,10 +65,14 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def overlay_panel(gray: np.ndarray, heat: np.ndarray, caption: str, alpha: float = 0.45) -> Image.Image:
+def overlay_panel(
+    gray: np.ndarray, heat: np.ndarray, caption: str, alpha: float = 0.45
+) -> Image.Image:
     """[image | heatmap blended over it] above a wrapped caption."""
     H, W = gray.shape
-    heat = np.asarray(Image.fromarray(np.asarray(heat, dtype=np.float32)).resize((W, H), Image.BILINEAR))
+    heat = np.asarray(
+        Image.fromarray(np.asarray(heat, dtype=np.float32)).resize((W, H), Image.BILINEAR)
+    )
     rgb = np.repeat(gray[..., None], 3, -1).astype(np.float32)
     blend = ((1 - alpha) * rgb + alpha * jet(heat)).round().clip(0, 255).astype(np.uint8)
     font = _font(max(10, W // 18))
@@ -93,11 +99,22 @@ def _leaves(names, graph: AnatomyGraph) -> list[str]:
     return [n for n in graph.leaf_names if n in wanted]
 
 
-def write_overlays(out_dir, study_id, image, report: str, entities, anatomies, heatmaps: torch.Tensor,
-                   graph: AnatomyGraph | None = None, extra: dict | None = None, alpha: float = 0.45) -> dict:
-    """Write one study's sentence overlays and JSON; returns the JSON dict (plus "json" and "overlays", the
-    written paths). ``image``: un-normalised grayscale (see ``denormalize``); ``heatmaps [25,h,w]`` in [0,1]
-    in leaf order (resized to the image); ``anatomies``: the predicted anatomy names; ``extra``: more JSON fields."""
+def write_overlays(
+    out_dir,
+    study_id,
+    image,
+    report: str,
+    entities,
+    anatomies,
+    heatmaps: torch.Tensor,
+    graph: AnatomyGraph | None = None,
+    extra: dict | None = None,
+    alpha: float = 0.45,
+) -> dict:
+    """Write one study's sentence overlays and JSON; returns the JSON dict (plus "json" and
+    "overlays", the written paths). ``image``: un-normalised grayscale (see ``denormalize``);
+    ``heatmaps [25,h,w]`` in [0,1] in leaf order (resized to the image); ``anatomies``: the
+    predicted anatomy names; ``extra``: more JSON fields."""
     graph = graph or AnatomyGraph.default()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -105,25 +122,36 @@ def write_overlays(out_dir, study_id, image, report: str, entities, anatomies, h
     gray = _gray(image)
     heatmaps = heatmaps.detach().float().cpu()
     fallback = _leaves(anatomies, graph) or list(graph.leaf_names)
-    pairs = sentence_anatomies(report, graph) if split_sentences(report) else [("(empty report)", [])]
+    pairs = (
+        sentence_anatomies(report, graph) if split_sentences(report) else [("(empty report)", [])]
+    )
     sentences, paths = [], []
     for k, (text, leaves) in enumerate(pairs):
         used = leaves or fallback
         heat = sentence_heatmap(heatmaps, used, graph).numpy()
-        caption = f"{text}  [{', '.join(leaves) if leaves else 'no anatomy named: predicted anatomies'}]"
+        caption = (
+            f"{text}  [{', '.join(leaves) if leaves else 'no anatomy named: predicted anatomies'}]"
+        )
         name = f"{stem}_s{k:02d}.png"
         overlay_panel(gray, heat, caption, alpha).save(out_dir / name)
         paths.append(str(out_dir / name))
         sentences.append({"text": text, "anatomies": leaves, "heatmap": name})
-    summary = {"id": str(study_id), "report": report, "entities": list(entities), "anatomies": list(anatomies),
-               "sentences": sentences, **(extra or {})}
+    summary = {
+        "id": str(study_id),
+        "report": report,
+        "entities": list(entities),
+        "anatomies": list(anatomies),
+        "sentences": sentences,
+        **(extra or {}),
+    }
     with open(out_dir / f"{stem}.json", "w") as f:
         json.dump(summary, f, indent=2)
     return {**summary, "json": str(out_dir / f"{stem}.json"), "overlays": paths}
 
 
 def graph_for(leaf_names) -> AnatomyGraph:
-    """The default chest graph for its own leaves; a flat graph (leaf order kept) for any other model's."""
+    """The default chest graph for its own leaves; a flat graph (leaf order kept) for any other
+    model's."""
     graph = AnatomyGraph.default()
     if leaf_names is None or tuple(leaf_names) == graph.leaf_names:
         return graph
@@ -132,13 +160,22 @@ def graph_for(leaf_names) -> AnatomyGraph:
 
 def write_overlay_batch(out_dir, visuals, leaf_names=None) -> list[str]:
     """Overlays of evaluated studies (engine/evaluate.py). ``visuals``: ``(normalised image [3,H,W],
-    heatmaps [K,H,W], row)`` with row {"id", "generated" (or "report"), "entities", "anatomies", optional
-    "reference"}; ``leaf_names``: the model's, in heatmap order. Returns the PNG paths."""
+    heatmaps [K,H,W], row)`` with row {"id", "generated" (or "report"), "entities", "anatomies",
+    optional "reference"}; ``leaf_names``: the model's, in heatmap order. Returns the PNG paths."""
     graph = graph_for(leaf_names)
     paths = []
     for image, heat, row in visuals:
         extra = {"reference": row["reference"]} if "reference" in row else None
-        out = write_overlays(out_dir, row["id"], denormalize(image), row.get("generated", row.get("report", "")),
-                             row.get("entities", []), row.get("anatomies", []), heat, graph, extra)
+        out = write_overlays(
+            out_dir,
+            row["id"],
+            denormalize(image),
+            row.get("generated", row.get("report", "")),
+            row.get("entities", []),
+            row.get("anatomies", []),
+            heat,
+            graph,
+            extra,
+        )
         paths += out["overlays"]
     return paths

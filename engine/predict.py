@@ -1,4 +1,5 @@
-"""Prediction on raw image files: a report, its entities and anatomies, and the sentence overlays."""
+"""Prediction on raw image files: a report, its entities and anatomies, and the sentence
+overlays."""
 
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ def predict_images(model, image_paths, transform, device, out_dir, gen_kwargs: d
                    batch_size: int = 8) -> list[dict]:
     """Reports + heatmaps for raw image files (any PIL mode), written with ``write_overlays``.
 
-    ``model`` has ``generate(batch, **gen_kwargs) -> [{"id", "report", "entities", "anatomies"}]`` and
-    ``heatmaps(images) -> [B,25,H,W]`` (SSACL); ``transform`` maps a ``[1,H,W]`` image in [0,1] to the
-    normalised model input (datasets/cxr.py ``build_transform(size, train=False)``). The overlays show
-    the image as the model saw it (resized). Returns one dict per image (``write_overlays``'s, plus "image_path").
+    ``model`` has ``generate(batch, **gen_kwargs) -> [{"id", "report", "entities", "anatomies"}]``
+    and ``heatmaps(images) -> [B,25,H,W]`` (SSACL); ``transform`` maps a ``[1,H,W]`` image in [0,1]
+    to the normalised model input (datasets/cxr.py ``build_transform(size, train=False)``). The
+    overlays show the image as the model saw it (resized). Returns one dict per image
+    (``write_overlays``'s, plus "image_path").
     """
     graph = graph_for(model.leaf_names)
     was_training = model.training
@@ -40,8 +42,17 @@ def predict_images(model, image_paths, transform, device, out_dir, gen_kwargs: d
             outs = model.generate({"image": images, "id": chunk_ids}, **(gen_kwargs or {}))
             heat = model.heatmaps(images).float().cpu()
             for j, (o, p) in enumerate(zip(outs, paths)):
-                row = write_overlays(out_dir, chunk_ids[j], denormalize(images[j]), o["report"], o["entities"],
-                                     o["anatomies"], heat[j], graph, extra={"image_path": str(p)})
+                row = write_overlays(
+                    out_dir,
+                    chunk_ids[j],
+                    denormalize(images[j]),
+                    o["report"],
+                    o["entities"],
+                    o["anatomies"],
+                    heat[j],
+                    graph,
+                    extra={"image_path": str(p)},
+                )
                 results.append(row)
     finally:
         model.train(was_training)
@@ -50,5 +61,12 @@ def predict_images(model, image_paths, transform, device, out_dir, gen_kwargs: d
 
 def predict_images_from_config(model, image_paths, cfg, out_dir, device) -> list[dict]:
     """``predict_images`` with the eval transform and generation settings of a run config."""
-    return predict_images(model, list(image_paths), build_transform(cfg.data.image_size, train=False), device,
-                          out_dir, decoding_options(cfg.eval), batch_size=cfg.data.eval_batch_size)
+    return predict_images(
+        model,
+        list(image_paths),
+        build_transform(cfg.data.image_size, train=False),
+        device,
+        out_dir,
+        decoding_options(cfg.eval),
+        batch_size=cfg.data.eval_batch_size,
+    )

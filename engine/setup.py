@@ -1,5 +1,6 @@
-"""What every entry point does before its loop: arguments and config, the run folder with its log and
-TensorBoard, and for training the data, tokenizers, model, optimizer, checkpoints and loaders."""
+"""What every entry point does before its loop: arguments and config, the run folder with its log
+and TensorBoard, and for training the data, tokenizers, model, optimizer, checkpoints and
+loaders."""
 
 from __future__ import annotations
 
@@ -25,8 +26,16 @@ from utils.seed import seed_everything
 
 def parser(description: str) -> argparse.ArgumentParser:
     p = add_config_args(argparse.ArgumentParser(description=description))
-    p.add_argument("--resume", default=None, help="'auto' (latest checkpoint of the run dir) or a checkpoint path")
-    p.add_argument("--init", default=None, help="local MAE ViT checkpoint for the image encoder (model.vit.init)")
+    p.add_argument(
+        "--resume",
+        default=None,
+        help="'auto' (latest checkpoint of the run dir) or a checkpoint path",
+    )
+    p.add_argument(
+        "--init",
+        default=None,
+        help="local MAE ViT checkpoint for the image encoder (model.vit.init)",
+    )
     p.add_argument("--output-dir", default=None, help="shorthand for --set output_dir=...")
     p.add_argument("--run-name", default=None, help="shorthand for --set run_name=...")
     return p
@@ -35,8 +44,12 @@ def parser(description: str) -> argparse.ArgumentParser:
 def load_run_config(args):
     """defaults.yaml <- --config <- --set <- the shorthands."""
     sets = list(args.set)
-    shorthands = (("output_dir", "output_dir"), ("run_name", "run_name"), ("resume", "train.resume"),
-                  ("init", "model.vit.init"))
+    shorthands = (
+        ("output_dir", "output_dir"),
+        ("run_name", "run_name"),
+        ("resume", "train.resume"),
+        ("init", "model.vit.init"),
+    )
     for flag, key in shorthands:
         value = getattr(args, flag, None)
         if value is not None:
@@ -45,7 +58,8 @@ def load_run_config(args):
 
 
 def setup_run(cfg, log: bool = True) -> tuple[DistInfo, Path, TBWriter]:
-    """Distributed init, per-rank seeds, the run dir ``output_dir/run_name`` with log.txt and TensorBoard."""
+    """Distributed init, per-rank seeds, the run dir ``output_dir/run_name`` with log.txt and
+    TensorBoard."""
     info = init_distributed(cfg.dist.backend, cfg.device)
     seed_everything(cfg.seed + info.rank)
     run_dir = Path(cfg.output_dir) / cfg.run_name
@@ -55,7 +69,9 @@ def setup_run(cfg, log: bool = True) -> tuple[DistInfo, Path, TBWriter]:
     if log:
         setup_logging(run_dir)
     # module loggers (dataset warnings, the ViT init report) print on rank 0, into log.txt too
-    logging.basicConfig(level=logging.INFO if info.rank == 0 else logging.WARNING, format="%(message)s", force=True)
+    logging.basicConfig(
+        level=logging.INFO if info.rank == 0 else logging.WARNING, format="%(message)s", force=True
+    )
     tb = TBWriter(run_dir / "tensorboard", enabled=log)
     print(f"run dir: {run_dir}  world size: {info.world_size}  device: {info.device}")
     return info, run_dir, tb
@@ -74,15 +90,17 @@ class TrainingRun:
 
 
 def prepare_training(cfg, info: DistInfo, run_dir: Path) -> TrainingRun:
-    """Datasets, tokenizers (inherited from ``train.pretrained``'s run when set), the model (its weights
-    from ``train.pretrained``, partially), optimizer, checkpointer (resumed per ``train.resume``), the
-    location prior when the model needs one, DDP and the loaders."""
+    """Datasets, tokenizers (inherited from ``train.pretrained``'s run when set), the model (its
+    weights from ``train.pretrained``, partially), optimizer, checkpointer (resumed per
+    ``train.resume``), the location prior when the model needs one, DDP and the loaders."""
     train_set = build_dataset(cfg, "train", train=True)
     val_set = build_dataset(cfg, "val", train=False)
     print(f"train: {len(train_set)} samples  val: {len(val_set)} samples")
     pretrained = cfg.train.pretrained
     inherit = checkpoint_tokenizers(pretrained) if pretrained else None
-    text_tok, dec_tok, tok_dirs = run_tokenizers(cfg, [s.report for s in train_set.samples], run_dir, inherit)
+    text_tok, dec_tok, tok_dirs = run_tokenizers(
+        cfg, [s.report for s in train_set.samples], run_dir, inherit
+    )
     if is_main_process():
         save_config(cfg, run_dir / "config.yaml")
 
@@ -93,20 +111,32 @@ def prepare_training(cfg, info: DistInfo, run_dir: Path) -> TrainingRun:
     model.to(info.device)
     print(f"model: {count_parameters(model)}; losses {model.weights}")
     optimizer, scaler = build_optimizer(cfg, model, info)
-    checkpointer = Checkpointer(run_dir, cfg, model, optimizer, scaler, extra={"tokenizers": tok_dirs})
+    checkpointer = Checkpointer(
+        run_dir, cfg, model, optimizer, scaler, extra={"tokenizers": tok_dirs}
+    )
     start_epoch, start_step = checkpointer.resume(cfg.train.resume)
     ensure_location_prior(model, cfg, info)
-    return TrainingRun(wrap_ddp(model, cfg, info), optimizer, scaler, checkpointer,
-                       train_loader(train_set, cfg, info), eval_loader(val_set, cfg, info), start_epoch, start_step)
+    return TrainingRun(
+        wrap_ddp(model, cfg, info),
+        optimizer,
+        scaler,
+        checkpointer,
+        train_loader(train_set, cfg, info),
+        eval_loader(val_set, cfg, info),
+        start_epoch,
+        start_step,
+    )
 
 
 def ensure_location_prior(model: SSACL, cfg, info: DistInfo) -> None:
-    """Estimate the model's location prior when it has one that neither a pretraining checkpoint nor a
-    resumed run brought: over ``model.location_prior.max_images`` training images (a fixed random subset,
-    eval transform), sharded over the ranks and summed."""
+    """Estimate the model's location prior when it has one that neither a pretraining checkpoint nor
+    a resumed run brought: over ``model.location_prior.max_images`` training images (a fixed
+    random subset, eval transform), sharded over the ranks and summed."""
     if not model.needs_location_prior:
         return
     dataset = build_dataset(cfg, "train", train=False)
     limit = cfg.model.location_prior.max_images
-    print(f"location prior: estimating from {min(limit, len(dataset)) if limit > 0 else len(dataset)} training images")
+    print(
+        f"location prior: estimating from {min(limit, len(dataset)) if limit > 0 else len(dataset)} training images"
+    )
     model.fit_location_prior(subset_loader(dataset, limit, cfg, info))

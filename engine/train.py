@@ -1,8 +1,8 @@
 """Training (MAE's engine_pretrain shape): one epoch of AMP steps with gradient accumulation under
 ``no_sync``, clipping, a per-iteration lr schedule and non-finite loss handling; and the epoch loop.
 
-The engine knows the model only as ``losses = model(batch)``: ``losses["loss"]`` is optimised and every
-other entry is logged.
+The engine knows the model only as ``losses = model(batch)``: ``losses["loss"]`` is optimised and
+every other entry is logged.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from utils.seed import step_seed
 def position_loader(loader, epoch: int, start_step: int):
     """Set the sampler's epoch (its shuffling seed) and skip the first ``start_step`` batches.
 
-    A sampler with ``set_start(n)`` (datasets.loaders.ResumableSampler) skips without loading; any other
-    loader is iterated past the skipped batches. Returns (iterator, batches in the full epoch)."""
+    A sampler with ``set_start(n)`` (datasets.loaders.ResumableSampler) skips without loading; any
+    other loader is iterated past the skipped batches. Returns (iterator, batches in the full
+    epoch)."""
     sampler = getattr(loader, "sampler", None)
     if hasattr(sampler, "set_epoch"):
         sampler.set_epoch(epoch)
@@ -63,7 +64,8 @@ class _Seeded:
 
 
 class AccumulationGroup:
-    """The micro-batches of one optimizer step: their loss terms (summed / accum), losses and ids."""
+    """The micro-batches of one optimizer step: their loss terms (summed / accum), losses and
+    ids."""
 
     def __init__(self):
         self.keys, self.terms, self.losses, self.ids, self.dropped = None, None, [], [], False
@@ -99,16 +101,23 @@ class StepResult:
 
 
 def optimizer_step(optimizer, scaler, params, clip: float, group: AccumulationGroup) -> StepResult:
-    """Reduce the group's loss terms over ranks (one collective that also carries the non-finite flag and
-    the sample count), then unscale, clip and step; or skip a non-finite step on every rank."""
+    """Reduce the group's loss terms over ranks (one collective that also carries the non-finite
+    flag and the sample count), then unscale, clip and step; or skip a non-finite step on every
+    rank."""
     finite = torch.isfinite(torch.stack(group.losses)).tolist()
-    extra = torch.tensor([float(not all(finite)), float(sum(map(len, group.ids)))], device=group.terms.device)
+    extra = torch.tensor(
+        [float(not all(finite)), float(sum(map(len, group.ids)))], device=group.terms.device
+    )
     stats = all_reduce_sum(torch.cat([group.terms.double(), extra.double()])).tolist()
-    result = StepResult({k: stats[i] / get_world_size() for i, k in enumerate(group.keys)}, int(stats[-1]))
+    result = StepResult(
+        {k: stats[i] / get_world_size() for i, k in enumerate(group.keys)}, int(stats[-1])
+    )
     if stats[-2] > 0:  # a non-finite loss on some rank: every rank skips
         optimizer.zero_grad(set_to_none=True)
         result.skipped = "non-finite loss"
-        result.bad_ids = [i for ok, ids in zip(finite, group.ids) if not ok for i in ids] or "on another rank"
+        result.bad_ids = [
+            i for ok, ids in zip(finite, group.ids) if not ok for i in ids
+        ] or "on another rank"
         return result
     scaler.unscale_(optimizer)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
@@ -128,37 +137,36 @@ def train_one_epoch(model, loader, optimizer, scaler, epoch: int, cfg, device, t
                     start_step: int = 0, on_step=None, print_fn=print) -> dict:
     """Train ``epoch`` from batch ``start_step`` on (a multiple of ``cfg.optim.accum_iter``).
 
-    The global optimizer step is ``epoch * steps_per_epoch + step in epoch`` (skipped steps count), so
-    logs and checkpoints line up across resumes. ``on_step(epoch, batches_done, global_step)`` runs after
-    every optimizer step (mid-epoch checkpoints). Returns the epoch's averaged stats."""
+    The global optimizer step is ``epoch * steps_per_epoch + step in epoch`` (skipped steps count),
+    so logs and checkpoints line up across resumes. ``on_step(epoch, batches_done, global_step)``
+    runs after every optimizer step (mid-epoch checkpoints). Returns the epoch's averaged stats."""
     model.train()
     accum, dtype = max(1, cfg.optim.accum_iter), resolve_amp(cfg.train.amp, device)
-    clip = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else math.inf
+    o = cfg.optim
+    clip = o.clip_grad if o.clip_grad > 0 else math.inf
     base_lr = lr_sched.effective_lr(cfg, get_world_size())
     params = [p for p in model.parameters() if p.requires_grad]
     batches, num_batches = position_loader(loader, epoch, start_step)
     steps_per_epoch = _steps_per_epoch(num_batches, accum, start_step)
-    logger = MetricLogger(delimiter="  ")
-    logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.2e}"))
-    logger.add_meter("samples/s", SmoothedValue(window_size=20, fmt="{avg:.1f}"))
-    header, counts, t_step = f"Epoch: [{epoch}]", {"nonfinite": 0, "dropped_steps": 0, "samples": 0}, time.time()
+    logger, header = _progress_logger(), f"Epoch: [{epoch}]"
+    counts, t_step = {"nonfinite": 0, "dropped_steps": 0, "samples": 0}, time.time()
     seeded = _Seeded(batches, range(start_step, steps_per_epoch * accum),
                      lambda it: step_seed(cfg.seed, get_rank(), epoch, it))
 
     for it, batch in logger.log_every(seeded, cfg.train.print_freq, header):
         if it % accum == 0:  # per-iteration schedule at the fractional epoch
-            lr_sched.adjust_learning_rate(optimizer, epoch + it / num_batches, base_lr, cfg.optim.min_lr,
-                                          cfg.optim.warmup_epochs, cfg.optim.epochs)
+            lr_sched.adjust_learning_rate(optimizer, epoch + it / num_batches, base_lr, o.min_lr,
+                                          o.warmup_epochs, o.epochs)
             group = AccumulationGroup()
         last = it % accum == accum - 1
         group.dropped = group.dropped or _empty_on_any_rank(batch, cfg.data.skip_bad, device)
         if not group.dropped:
             batch = to_device(batch, device)
-            sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
-            with sync:
+            no_sync = hasattr(model, "no_sync") and not last
+            with model.no_sync() if no_sync else contextlib.nullcontext():
                 with autocast(device, dtype):
                     losses = model(batch)
-                # always backward, even a non-finite loss, so that every rank runs the same collectives
+                # backward even a non-finite loss: every rank runs the same collectives
                 scaler.scale(losses["loss"] / accum).backward()
             group.add(losses, batch["id"], accum)
         if not last:
@@ -170,13 +178,14 @@ def train_one_epoch(model, loader, optimizer, scaler, epoch: int, cfg, device, t
             result = StepResult(skipped="a batch had no readable sample (data.skip_bad)")
         else:
             result = optimizer_step(optimizer, scaler, params, clip, group)
-        _account(result, counts, cfg.train, f"global step {global_step} (epoch {epoch}, batch {it})", print_fn)
+        where = f"global step {global_step} (epoch {epoch}, batch {it})"
+        _account(result, counts, cfg.train, where, print_fn)
         lr, now = optimizer.param_groups[0]["lr"], time.time()
         samples_s, t_step = result.samples / max(now - t_step, 1e-9), now
         logger.update(lr=lr, **{"samples/s": samples_s}, **result.meters())
         if tb is not None:
-            scalars = {**result.meters(), "lr": lr, "samples_per_s": samples_s, "nonfinite": counts["nonfinite"],
-                       **_gpu_memory(device)}
+            scalars = {**result.meters(), "lr": lr, "samples_per_s": samples_s,
+                       "nonfinite": counts["nonfinite"], **_gpu_memory(device)}
             tb.add_scalars({f"train/{k}": v for k, v in scalars.items()}, global_step)
         if on_step is not None:
             on_step(epoch, it + 1, global_step)
@@ -190,6 +199,13 @@ def train_one_epoch(model, loader, optimizer, scaler, epoch: int, cfg, device, t
     return out
 
 
+def _progress_logger() -> MetricLogger:
+    logger = MetricLogger(delimiter="  ")
+    logger.add_meter("lr", SmoothedValue(window_size=1, fmt="{value:.2e}"))
+    logger.add_meter("samples/s", SmoothedValue(window_size=20, fmt="{avg:.1f}"))
+    return logger
+
+
 def _steps_per_epoch(num_batches: int, accum: int, start_step: int) -> int:
     """Optimizer steps in an epoch (a trailing partial accumulation group is dropped)."""
     if start_step % accum:
@@ -201,8 +217,8 @@ def _steps_per_epoch(num_batches: int, accum: int, start_step: int) -> int:
 
 
 def _empty_on_any_rank(batch, skip_bad: bool, device) -> bool:
-    """collate gives None when every sample of a batch was unreadable (data.skip_bad): that accumulation
-    group is dropped, on every rank."""
+    """collate gives None when every sample of a batch was unreadable (data.skip_bad): that
+    accumulation group is dropped, on every rank."""
     empty = batch is None
     if skip_bad and get_world_size() > 1:
         empty = all_reduce_sum(torch.tensor([float(empty)], device=device)).item() > 0
@@ -210,8 +226,8 @@ def _empty_on_any_rank(batch, skip_bad: bool, device) -> bool:
 
 
 def _account(result: StepResult, counts: dict, train_cfg, where: str, print_fn) -> None:
-    """Count the step's samples and skips; a non-finite step stops the run under train.nonfinite=stop or
-    after train.max_nonfinite of them in one epoch."""
+    """Count the step's samples and skips; a non-finite step stops the run under
+    train.nonfinite=stop or after train.max_nonfinite of them in one epoch."""
     counts["samples"] += result.samples
     if not result.skipped:
         return
@@ -252,14 +268,26 @@ def _bad_counts(dataset, device, print_fn) -> dict:
 
 
 def train_epochs(run, cfg, device, tb, run_dir, validate) -> None:
-    """The epoch loop of every entry point over a ``engine.setup.TrainingRun``: train, ``validate(epoch,
-    step) -> metrics`` every ``train.eval_every`` epochs (and after the last), checkpoint, and append the
-    epoch's stats to log_stats.jsonl."""
-    print(f"start training at epoch {run.start_epoch} (batch {run.start_step}) of {cfg.optim.epochs}")
+    """The epoch loop of every entry point over a ``engine.setup.TrainingRun``: train,
+    ``validate(epoch, step) -> metrics`` every ``train.eval_every`` epochs (and after the last),
+    checkpoint, and append the epoch's stats to log_stats.jsonl."""
+    print(
+        f"start training at epoch {run.start_epoch} (batch {run.start_step}) of {cfg.optim.epochs}"
+    )
     t0, start_step = time.time(), run.start_step
     for epoch in range(run.start_epoch, cfg.optim.epochs):
-        stats = train_one_epoch(run.model, run.train_loader, run.optimizer, run.scaler, epoch, cfg, device, tb=tb,
-                                start_step=start_step, on_step=run.checkpointer.on_step)
+        stats = train_one_epoch(
+            run.model,
+            run.train_loader,
+            run.optimizer,
+            run.scaler,
+            epoch,
+            cfg,
+            device,
+            tb=tb,
+            start_step=start_step,
+            on_step=run.checkpointer.on_step,
+        )
         start_step, step = 0, stats["global_step"]
         metrics = {}
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.optim.epochs:

@@ -1,18 +1,24 @@
-"""Grounding metrics of a heatmap against a region (box or mask): IoU over thresholds, CNR, pointing game, Dice.
+"""Grounding metrics of a heatmap against a region (box or mask): IoU over thresholds, CNR, pointing
+game, Dice.
 
-Heatmap and mask are 2-D arrays of the same shape (numpy or torch); the mask is boolean (nonzero = inside).
-Boxes (MS-CXR: [x, y, w, h] in original-image pixels) are mapped through the same resize and crop/pad as
-the image (:func:`transform_boxes`, :func:`box_to_mask`) before rasterising. Conventions:
-- IoU / Dice binarise the heatmap after min-max normalisation to [0, 1] as ``heat >= threshold``
-  (a constant heatmap normalises to all zeros). mIoU is the mean IoU over thresholds 0.1, 0.2, ..., 0.9.
-- CNR = |mean_in - mean_out| / sqrt(var_in + var_out) (BioViL / MS-CXR; population variances); invariant to
-  affine rescaling of the heatmap. ``cnr(..., signed=True)`` keeps the sign of mean_in - mean_out, so a
-  heatmap that avoids the region scores negative (the absolute CNR would reward it).
-- Pointing game: the share of the heatmap's maximal pixels that lie in the region: 1/0 with a unique maximum;
-  a flat heatmap scores the region's area fraction, i.e. chance, not a hit. ``tolerance`` (pixels) counts a
-  maximum within that Euclidean distance of the region as inside: Zhang et al.'s original pointing game
-  (ECCV 2016) uses 15 px at ~224 px (:func:`zhang_tolerance` scales it to another image size).
-Undefined values (empty region, region covering everything) are nan; :func:`aggregate` averages ignoring nan.
+Heatmap and mask are 2-D arrays of the same shape (numpy or torch); the mask is boolean (nonzero =
+inside). Boxes (MS-CXR: [x, y, w, h] in original-image pixels) are mapped through the same resize
+and crop/pad as the image (:func:`transform_boxes`, :func:`box_to_mask`) before rasterising.
+Conventions:
+- IoU / Dice binarise the heatmap after min-max normalisation to [0, 1] as ``heat >= threshold`` (a
+  constant heatmap normalises to all zeros). mIoU is the mean IoU over thresholds 0.1, 0.2, ...,
+  0.9.
+- CNR = |mean_in - mean_out| / sqrt(var_in + var_out) (BioViL / MS-CXR; population variances);
+  invariant to affine rescaling of the heatmap. ``cnr(..., signed=True)`` keeps the sign of mean_in
+  - mean_out, so a heatmap that avoids the region scores negative (the absolute CNR would reward
+  it).
+- Pointing game: the share of the heatmap's maximal pixels that lie in the region: 1/0 with a unique
+  maximum; a flat heatmap scores the region's area fraction, i.e. chance, not a hit. ``tolerance``
+  (pixels) counts a maximum within that Euclidean distance of the region as inside: Zhang et al.'s
+  original pointing game (ECCV 2016) uses 15 px at ~224 px (:func:`zhang_tolerance` scales it to
+  another image size).
+Undefined values (empty region, region covering everything) are nan; :func:`aggregate` averages
+ignoring nan.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import math
 from collections import OrderedDict
 
 import numpy as np
+from scipy.ndimage import distance_transform_edt
 
 THRESHOLDS = tuple(round(t, 1) for t in np.arange(0.1, 1.0, 0.1))
 BOX_MODES = ("resize", "center_crop", "pad")
@@ -36,7 +43,9 @@ def _pair(heatmap, mask) -> tuple[np.ndarray, np.ndarray]:
     h, m = _np(heatmap).astype(np.float64), _np(mask).astype(bool)
     h, m = np.squeeze(h), np.squeeze(m)
     if h.shape != m.shape or h.ndim != 2:
-        raise ValueError(f"heatmap {h.shape} and mask {m.shape} must be 2-D arrays of the same shape")
+        raise ValueError(
+            f"heatmap {h.shape} and mask {m.shape} must be 2-D arrays of the same shape"
+        )
     return h, m
 
 
@@ -69,7 +78,8 @@ def mean_iou(heatmap, mask, thresholds=THRESHOLDS) -> float:
 
 
 def dice(heatmap, mask, threshold: float = 0.5) -> float:
-    """Dice of ``normalize(heatmap) >= threshold`` with the mask (pass a 0/1 heatmap to score a hard mask)."""
+    """Dice of ``normalize(heatmap) >= threshold`` with the mask (pass a 0/1 heatmap to score a hard
+    mask)."""
     h, m = _pair(heatmap, mask)
     p = normalize(h) >= threshold
     denom = p.sum() + m.sum()
@@ -77,7 +87,8 @@ def dice(heatmap, mask, threshold: float = 0.5) -> float:
 
 
 def cnr(heatmap, mask, signed: bool = False) -> float:
-    """Contrast-to-noise ratio |mu_in - mu_out| / sqrt(var_in + var_out) (signed: mu_in - mu_out)."""
+    """Contrast-to-noise ratio |mu_in - mu_out| / sqrt(var_in + var_out) (signed: mu_in -
+    mu_out)."""
     h, m = _pair(heatmap, mask)
     inside, outside = h[m], h[~m]
     if inside.size == 0 or outside.size == 0:
@@ -97,7 +108,6 @@ def pointing_game(heatmap, mask, tolerance: float = 0.0) -> float:
         return math.nan
     top = h == np.nanmax(h)
     if tolerance > 0:
-        from scipy.ndimage import distance_transform_edt
         m = distance_transform_edt(~m) <= tolerance
     return float(m[top].mean())
 
@@ -108,16 +118,23 @@ def zhang_tolerance(image_size: int) -> float:
 
 
 def grounding_metrics(heatmap, mask, thresholds=THRESHOLDS, dice_threshold: float = 0.5) -> dict:
-    """All metrics of one heatmap/region pair: iou@t, mIoU, CNR (abs and signed), pointing game, Dice."""
+    """All metrics of one heatmap/region pair: iou@t, mIoU, CNR (abs and signed), pointing game,
+    Dice."""
     ious = iou_at_thresholds(heatmap, mask, thresholds)
     out = {f"iou@{t:g}": float(v) for t, v in zip(thresholds, ious)}
-    out.update(miou=float(np.mean(ious)), cnr=cnr(heatmap, mask), cnr_signed=cnr(heatmap, mask, signed=True),
-               pointing_game=pointing_game(heatmap, mask), dice=dice(heatmap, mask, dice_threshold))
+    out.update(
+        miou=float(np.mean(ious)),
+        cnr=cnr(heatmap, mask),
+        cnr_signed=cnr(heatmap, mask, signed=True),
+        pointing_game=pointing_game(heatmap, mask),
+        dice=dice(heatmap, mask, dice_threshold),
+    )
     return out
 
 
 def aggregate(rows: list[dict]) -> dict:
-    """Mean of each metric over samples, ignoring nan (and +-inf for CNR), plus ``n`` counted samples."""
+    """Mean of each metric over samples, ignoring nan (and +-inf for CNR), plus ``n`` counted
+    samples."""
     out: dict = {"n": len(rows)}
     for k in rows[0] if rows else []:
         vals = np.array([r[k] for r in rows], dtype=float)
@@ -126,9 +143,9 @@ def aggregate(rows: list[dict]) -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Boxes through the image transform
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def _size_hw(size) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
@@ -137,7 +154,8 @@ def _size_hw(size) -> tuple[int, int]:
 def transform_boxes(boxes_xywh, orig_hw: tuple[int, int], size, mode: str = "resize") -> np.ndarray:
     """Map [K, 4] boxes (x, y, w, h in original pixels) to [K, 4] (x1, y1, x2, y2) in output pixels.
 
-    ``orig_hw`` = (height, width) of the original image; ``size`` = int or (h, w) of the model input. Modes:
+    ``orig_hw`` = (height, width) of the original image; ``size`` = int or (h, w) of the model
+    input. Modes:
       resize      - stretch to (h, w): this project's eval transform (datasets/cxr.py, Resize((s, s)));
       center_crop - torchvision Resize(int) (shorter side -> size, longer side int(size * long / short)),
                     then CenterCrop(size) (offset int(round((new - size) / 2)));
@@ -174,7 +192,8 @@ def transform_boxes(boxes_xywh, orig_hw: tuple[int, int], size, mode: str = "res
 def box_to_mask(boxes_xywh, orig_hw: tuple[int, int], size, mode: str = "resize") -> np.ndarray:
     """Boolean [h, w] mask of the union of the boxes after :func:`transform_boxes`.
 
-    A pixel is inside when its centre is: columns ceil(x1 - 0.5) .. ceil(x2 - 0.5) - 1, clipped to the image.
+    A pixel is inside when its centre is: columns ceil(x1 - 0.5) .. ceil(x2 - 0.5) - 1, clipped to
+    the image.
     """
     oh, ow = _size_hw(size)
     mask = np.zeros((oh, ow), dtype=bool)
@@ -186,15 +205,15 @@ def box_to_mask(boxes_xywh, orig_hw: tuple[int, int], size, mode: str = "resize"
     return mask
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # MS-CXR
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def load_ms_cxr(json_path: str) -> list[dict]:
     """MS-CXR's COCO-style JSON -> one entry per (image, category, phrase) with its boxes merged.
 
-    Entry: {"image_id", "dicom_id" (file-name stem), "file_name", "path", "width", "height", "category",
-    "label_text", "boxes": [[x, y, w, h], ...]} in the file's order.
+    Entry: {"image_id", "dicom_id" (file-name stem), "file_name", "path", "width", "height",
+    "category", "label_text", "boxes": [[x, y, w, h], ...]} in the file's order.
     """
     with open(json_path) as f:
         coco = json.load(f)
@@ -207,9 +226,16 @@ def load_ms_cxr(json_path: str) -> list[dict]:
         key = (ann["image_id"], cat, ann.get("label_text", ""))
         if key not in groups:
             name = img.get("file_name", img.get("path", ""))
-            groups[key] = {"image_id": ann["image_id"], "dicom_id": name.rsplit("/", 1)[-1].rsplit(".", 1)[0],
-                           "file_name": name, "path": img.get("path", name), "width": img["width"],
-                           "height": img["height"], "category": cat, "label_text": ann.get("label_text", ""),
-                           "boxes": []}
+            groups[key] = {
+                "image_id": ann["image_id"],
+                "dicom_id": name.rsplit("/", 1)[-1].rsplit(".", 1)[0],
+                "file_name": name,
+                "path": img.get("path", name),
+                "width": img["width"],
+                "height": img["height"],
+                "category": cat,
+                "label_text": ann.get("label_text", ""),
+                "boxes": [],
+            }
         groups[key]["boxes"].append([float(v) for v in ann["bbox"]])
     return list(groups.values())

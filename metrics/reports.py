@@ -1,5 +1,6 @@
-"""Scores of generated reports against their references: language metrics (pycocoevalcap's numbers, full
-references) and clinical efficacy (both sides labelled by the same labeler), with counts and timings."""
+"""Scores of generated reports against their references: language metrics (pycocoevalcap's numbers,
+full references) and clinical efficacy (both sides labelled by the same labeler), with counts and
+timings."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from metrics.nlg import score_nlg
 
 
 def read_jsonl(path: str) -> list[dict]:
-    """Records with str "id", "generated" and "references" (list); raises on malformed lines or duplicate ids."""
+    """Records with str "id", "generated" and "references" (list); raises on malformed lines or
+    duplicate ids."""
     records, seen = [], {}
     with open(path) as f:
         for n, line in enumerate(f, 1):
@@ -30,7 +32,13 @@ def read_jsonl(path: str) -> list[dict]:
                 raise ValueError(f"{path}:{n}: duplicate id {rid!r} (first on line {seen[rid]})")
             seen[rid] = n
             refs = rec["reference"] if isinstance(rec["reference"], list) else [rec["reference"]]
-            records.append({"id": rid, "generated": rec["generated"] or "", "references": [r or "" for r in refs]})
+            records.append(
+                {
+                    "id": rid,
+                    "generated": rec["generated"] or "",
+                    "references": [r or "" for r in refs],
+                }
+            )
     if not records:
         raise ValueError(f"{path}: no records")
     return records
@@ -42,15 +50,18 @@ def score_records(records: list[dict], labeler, uncertain_as: str = "negative", 
     (:func:`read_jsonl`); ``labeler`` labels the generated and the first reference reports alike."""
     t0 = time.perf_counter()
     words = lambda t: len(t.split())  # noqa: E731
-    counts = {"studies": len(records),
-              "empty_generations": sum(not r["generated"].strip() for r in records),
-              "empty_references": sum(not any(x.strip() for x in r["references"]) for r in records),
-              "references_per_study": max(len(r["references"]) for r in records),
-              "mean_generated_words": sum(words(r["generated"]) for r in records) / len(records),
-              "mean_reference_words": sum(words(r["references"][0]) for r in records) / len(records)}
+    counts = {
+        "studies": len(records),
+        "empty_generations": sum(not r["generated"].strip() for r in records),
+        "empty_references": sum(not any(x.strip() for x in r["references"]) for r in records),
+        "references_per_study": max(len(r["references"]) for r in records),
+        "mean_generated_words": sum(words(r["generated"]) for r in records) / len(records),
+        "mean_reference_words": sum(words(r["references"][0]) for r in records) / len(records),
+    }
     labels: dict = {}
 
-    def label_both():  # runs while the METEOR JVM works: labels of the generations and the first references
+    # runs while the METEOR JVM works: labels of the generations and the first references
+    def label_both():
         t = time.perf_counter()
         try:
             labels["pred"] = labeler.label([r["generated"] for r in records])
@@ -62,20 +73,35 @@ def score_records(records: list[dict], labeler, uncertain_as: str = "negative", 
     worker = threading.Thread(target=label_both, daemon=True)
     worker.start()
     details: dict = {}
-    language = score_nlg({r["id"]: r["references"] for r in records}, {r["id"]: [r["generated"]] for r in records},
-                         meteor=meteor, use_java=use_java, details=details)
+    language = score_nlg(
+        {r["id"]: r["references"] for r in records},
+        {r["id"]: [r["generated"]] for r in records},
+        meteor=meteor,
+        use_java=use_java,
+        details=details,
+    )
     t1 = time.perf_counter()
     worker.join()
     if "error" in labels:
         raise labels["error"]
     ce = clinical_efficacy(labels["pred"], labels["ref"], uncertain_as)
     t2 = time.perf_counter()
-    return {"counts": counts, "language": language, "tokenizer": details["tokenizer"], "labeler": labeler.name,
-            "clinical_efficacy": ce,
-            "seconds": {"language": t1 - t0, **{f"language/{k}": v for k, v in details["seconds"].items()},
-                        "clinical": labels["seconds"], "total": t2 - t0}}
+    return {
+        "counts": counts,
+        "language": language,
+        "tokenizer": details["tokenizer"],
+        "labeler": labeler.name,
+        "clinical_efficacy": ce,
+        "seconds": {
+            "language": t1 - t0,
+            **{f"language/{k}": v for k, v in details["seconds"].items()},
+            "clinical": labels["seconds"],
+            "total": t2 - t0,
+        },
+    }
 
 
 def flat_scores(result: dict) -> dict[str, float]:
-    """Language metrics and the clinical-efficacy summary of :func:`score_records` as one flat dict."""
+    """Language metrics and the clinical-efficacy summary of :func:`score_records` as one flat
+    dict."""
     return {**result["language"], **ce_summary(result["clinical_efficacy"])}

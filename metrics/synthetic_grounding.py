@@ -1,10 +1,11 @@
-"""Grounding on the built-in synthetic data: heatmaps against the generator's per-leaf and per-finding masks.
+"""Grounding on the built-in synthetic data: heatmaps against the generator's per-leaf and
+per-finding masks.
 
 An annotation record of the synthetic data carries "regions" ({leaf: mask path}) and "findings"
-([{"anatomy": leaf, "mask": path}]), paths relative to the annotation.json folder. Per study: the pointing
-game of every drawn leaf (strict, and with Zhang et al.'s tolerance), that of the findings' leaves, and the
-signed CNR of each finding's mask under its leaf's heatmap (a map that avoids the finding scores below 0,
-where BioViL's absolute CNR would reward it).
+([{"anatomy": leaf, "mask": path}]), paths relative to the annotation.json folder. Per study: the
+pointing game of every drawn leaf (strict, and with Zhang et al.'s tolerance), that of the findings'
+leaves, and the signed CNR of each finding's mask under its leaf's heatmap (a map that avoids the
+finding scores below 0, where BioViL's absolute CNR would reward it).
 """
 
 from __future__ import annotations
@@ -30,13 +31,17 @@ def read_mask(path: Path, size: tuple[int, int] | None = None) -> np.ndarray:
 
 
 def mask_records(annotation, split: str) -> dict[str, dict]:
-    """Records of ``split`` that carry synthetic masks, by id ({} for data without masks, e.g. MIMIC-CXR,
-    or when the annotation has no such split)."""
+    """Records of ``split`` that carry synthetic masks, by id ({} for data without masks, e.g.
+    MIMIC-CXR, or when the annotation has no such split)."""
     try:
         records = load_annotation(annotation, split)
     except ValueError:
         return {}
-    return {str(r["id"]): r for r in records if isinstance(r, dict) and (r.get("regions") or r.get("findings"))}
+    return {
+        str(r["id"]): r
+        for r in records
+        if isinstance(r, dict) and (r.get("regions") or r.get("findings"))
+    }
 
 
 def record_for(records: dict, sample_id: str) -> dict:
@@ -44,12 +49,14 @@ def record_for(records: dict, sample_id: str) -> dict:
     return records.get(sample_id) or records.get(sample_id.rsplit("_", 1)[0], {})
 
 
-def synthetic_grounding(heatmaps: torch.Tensor, records: list[dict], root, leaf_names) -> list[dict]:
+def synthetic_grounding(
+    heatmaps: torch.Tensor, records: list[dict], root, leaf_names
+) -> list[dict]:
     """Per study {"pointing": {drawn leaf: hit}, "pointing_tol": {drawn leaf: hit within tolerance},
     "pointing_findings": [hit per finding's leaf], "cnr": [signed CNR per finding]}.
 
-    heatmaps: [B, K, H, W] in [0, 1], aligned with ``records``; masks are read from ``root`` and resized
-    to the heatmap."""
+    heatmaps: [B, K, H, W] in [0, 1], aligned with ``records``; masks are read from ``root`` and
+    resized to the heatmap."""
     root = Path(root)
     index = {n: i for i, n in enumerate(leaf_names)}
     out = []
@@ -63,11 +70,21 @@ def synthetic_grounding(heatmaps: torch.Tensor, records: list[dict], root, leaf_
             if mask.any():
                 hits[leaf] = pointing_game(hm[index[leaf]], mask)
                 hits_tol[leaf] = pointing_game(hm[index[leaf]], mask, zhang_tolerance(max(size)))
-        found = [f for f in rec.get("findings") or [] if f.get("anatomy") in index and f.get("mask")]
-        cnrs = [cnr(hm[index[f["anatomy"]]], read_mask(root / f["mask"], size), signed=True) for f in found]
-        out.append({"pointing": hits, "pointing_tol": hits_tol,
-                    "pointing_findings": [hits[f["anatomy"]] for f in found if f["anatomy"] in hits],
-                    "cnr": [c for c in cnrs if math.isfinite(c)]})
+        found = [
+            f for f in rec.get("findings") or [] if f.get("anatomy") in index and f.get("mask")
+        ]
+        cnrs = [
+            cnr(hm[index[f["anatomy"]]], read_mask(root / f["mask"], size), signed=True)
+            for f in found
+        ]
+        out.append(
+            {
+                "pointing": hits,
+                "pointing_tol": hits_tol,
+                "pointing_findings": [hits[f["anatomy"]] for f in found if f["anatomy"] in hits],
+                "cnr": [c for c in cnrs if math.isfinite(c)],
+            }
+        )
     return out
 
 
@@ -77,8 +94,9 @@ def _values(x) -> list:
 
 
 def summarize_grounding(rows: list[dict]) -> dict:
-    """Pointing game averaged over the drawn leaves of every study, and over the leaves of the findings;
-    mean signed CNR over every finding; "pointing_game_by_leaf": {leaf: pointing game over its studies}."""
+    """Pointing game averaged over the drawn leaves of every study, and over the leaves of the
+    findings; mean signed CNR over every finding; "pointing_game_by_leaf": {leaf: pointing game over
+    its studies}."""
     out, by_leaf = {}, {}
     for r in rows:
         for leaf, hit in (r.get("pointing") or {}).items():

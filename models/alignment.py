@@ -1,4 +1,5 @@
-"""Image-report contrastive loss (position-weighted, MaCo-style) and anatomical consistency alignment.
+"""Image-report contrastive loss (position-weighted, MaCo-style) and anatomical consistency
+alignment.
 
 Across ranks both losses use one convention: every rank gathers the global batch (N = world * B)
 *with gradient* (utils.dist.all_gather_with_grad: backward sums the gathered gradient over ranks)
@@ -31,8 +32,8 @@ class ImageReportContrastive(nn.Module):
     starting at 1/temperature, and the position weight w_i = softplus(a . v_i + c) / ln 2 of the
     visibility vector v_i (1 = patch visible, length L); a = 0, c = 0 at init, so w = 1 (neutral).
     Logits l_ij = w_i s z_i . t_j scale each image's row (and, in the text->image direction, each
-    image's column of the same matrix); loss = (CE over texts of l_i,: + CE over images of l_:,j) / 2,
-    averaged over the samples."""
+    image's column of the same matrix); loss = (CE over texts of l_i,: + CE over images of l_:,j) /
+    2, averaged over the samples."""
 
     def __init__(self, embed_dim: int, text_dim: int, num_patches: int, temperature: float = 0.03,
                  max_logit_scale: float = 100.0):
@@ -48,8 +49,11 @@ class ImageReportContrastive(nn.Module):
         """[N, L] visibility (1 = visible) -> [N] weights, 1 at initialisation."""
         return F.softplus(self.pos_weight(visible.float())).squeeze(-1) / math.log(2.0)
 
-    def forward(self, patches: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """patches [B, Lv, D] visible tokens, text [B, Dt] pooled report embeddings, mask [B, L] (1 = masked)."""
+    def forward(
+        self, patches: torch.Tensor, text: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        """patches [B, Lv, D] visible tokens, text [B, Dt] pooled report embeddings, mask [B, L] (1
+        = masked)."""
         img = self.img_proj(patches.mean(1))
         with torch.autocast(img.device.type, enabled=False):
             img = F.normalize(img.float(), dim=-1)
@@ -60,28 +64,35 @@ class ImageReportContrastive(nn.Module):
             w_all = self.position_weight(vis_all)
             scale = self.logit_scale.exp().clamp(max=self.max_logit_scale)
             labels = torch.arange(B, device=img.device) + offset
-            logits_i2t = (scale * w_all[offset:offset + B, None]) * (img @ txt_all.T)  # my images vs all texts
+            # my images vs all texts
+            logits_i2t = (scale * w_all[offset:offset + B, None]) * (img @ txt_all.T)
             logits_t2i = (scale * w_all[None, :]) * (txt @ img_all.T)  # my texts vs all images
             return (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels)) / 2
 
 
 class AnatomicalConsistency(nn.Module):
-    """L_aca over leaf-query outputs q_bi (L2-normalised) and pooled report embeddings t_b (detached,
-    L2-normalised), b over the global batch (N images), i, j over the K leaves:
+    """L_aca over leaf-query outputs q_bi (L2-normalised) and pooled report embeddings t_b
+    (detached, L2-normalised), b over the global batch (N images), i, j over the K leaves:
 
         S^{bb'}_ij = q_bi . q_b'j / tau                       (anatomy i of b vs anatomy j of b')
         lambda_bb' = w [b = b'] + (1 - w) softmax_b'(t_b . t_b' / tau_t)     (sums to 1 over b')
         L_aca = -1/(N K) sum_b sum_i sum_b' lambda_bb' log softmax_j(S^{bb'}_i,:)_(j=i)
 
     i.e. for anchor (b, i) the target over candidates (b', j) is lambda_bb' [j = i]: a cross-entropy
-    over j ("anatomy i matches itself") for every image pair, the pairs weighted by the target matrix
-    w I + (1 - w) softmax(text similarity) (the softmax includes b' = b). The self pair (weight >= w)
-    keeps the anatomies of one image distinct; other pairs pull the same anatomy together across
-    images, the more so the more their reports agree."""
+    over j ("anatomy i matches itself") for every image pair, the pairs weighted by the target
+    matrix w I + (1 - w) softmax(text similarity) (the softmax includes b' = b). The self pair
+    (weight >= w) keeps the anatomies of one image distinct; other pairs pull the same anatomy
+    together across images, the more so the more their reports agree."""
 
-    def __init__(self, identity_weight: float = 0.9, temperature: float = 0.1, text_temperature: float = 0.1):
+    def __init__(
+        self, identity_weight: float = 0.9, temperature: float = 0.1, text_temperature: float = 0.1
+    ):
         super().__init__()
-        self.identity_weight, self.temperature, self.text_temperature = identity_weight, temperature, text_temperature
+        self.identity_weight, self.temperature, self.text_temperature = (
+            identity_weight,
+            temperature,
+            text_temperature,
+        )
 
     def pair_weights(self, text: torch.Tensor, text_all: torch.Tensor, offset: int) -> torch.Tensor:
         """lambda [B, N] for this rank's rows (inputs L2-normalised)."""

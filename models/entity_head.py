@@ -1,13 +1,14 @@
-"""Entity and anatomy prediction from the image tokens (what the report decoder is told at test time).
+"""Entity and anatomy prediction from the image tokens (what the report decoder is told at test
+time).
 
-Each leaf's evidence is the patch tokens pooled by that leaf's own last-layer attention (the very map
-shown as its heatmap). A leaf's anatomy logit reads only its own evidence, through a layer shared by
-all leaves plus a per-leaf bias: "is there a finding in what I look at". A shared scorer cannot
-tell leaves apart, so the only way to fit the targets is for each leaf query to attend to its own
-region (multiple-instance learning; this is what makes the heatmaps point without boxes).
-Observations (14 CheXpert, order of vocab/observations.py) are read from
-[CLS, mean patch, max over leaves of the leaf evidence]. Targets: the batch's "labels" [B,14] and
-"anatomies" [B,25] (the leaves of the report's findings).
+Each leaf's evidence is the patch tokens pooled by that leaf's own last-layer attention (the very
+map shown as its heatmap). A leaf's anatomy logit reads only its own evidence, through a layer
+shared by all leaves plus a per-leaf bias: "is there a finding in what I look at". A shared scorer
+cannot tell leaves apart, so the only way to fit the targets is for each leaf query to attend to its
+own region (multiple-instance learning; this is what makes the heatmaps point without boxes).
+Observations (14 CheXpert, order of vocab/observations.py) are read from [CLS, mean patch, max over
+leaves of the leaf evidence]. Targets: the batch's "labels" [B,14] and "anatomies" [B,25] (the
+leaves of the report's findings).
 """
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ def format_prompt(entities: list[str]) -> str:
 
 
 def observation_names(obs: torch.Tensor, threshold: float = 0.5) -> list[list[str]]:
-    """Probabilities (or 0/1 labels) ``[B,14]`` -> predicted observation names per row, CheXpert order.
-    "No Finding" is kept only when nothing but Support Devices is predicted beside it."""
+    """Probabilities (or 0/1 labels) ``[B,14]`` -> predicted observation names per row, CheXpert
+    order. "No Finding" is kept only when nothing but Support Devices is predicted beside it."""
     out = []
     for row in (obs > threshold).tolist():
         names = [n for n, on in zip(CHEXPERT_OBSERVATIONS, row) if on]
@@ -47,7 +48,9 @@ def observation_names(obs: torch.Tensor, threshold: float = 0.5) -> list[list[st
 
 
 class EntityHead(nn.Module):
-    def __init__(self, dim: int, num_observations: int = 14, num_leaves: int = 25, hidden_dim: int = 0):
+    def __init__(
+        self, dim: int, num_observations: int = 14, num_leaves: int = 25, hidden_dim: int = 0
+    ):
         super().__init__()
         self.num_observations, self.num_leaves = num_observations, num_leaves
         self.obs_head = _head(3 * dim, num_observations, hidden_dim)
@@ -55,10 +58,12 @@ class EntityHead(nn.Module):
         self.anat_bias = nn.Parameter(torch.zeros(num_leaves))  # per-leaf prior
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, cls: torch.Tensor, patches: torch.Tensor, local: torch.Tensor, leaf_attn: torch.Tensor):
-        """``cls [B,D]``, ``patches [B,L,D]`` (encoder output), ``local [B,L,D]`` (the patch embeddings before
-        any attention), ``leaf_attn [B,25,L]`` (each leaf's last-layer attention over the patches, heads
-        averaged) -> (obs_logits [B,14], anat_logits [B,25])."""
+    def forward(
+        self, cls: torch.Tensor, patches: torch.Tensor, local: torch.Tensor, leaf_attn: torch.Tensor
+    ):
+        """``cls [B,D]``, ``patches [B,L,D]`` (encoder output), ``local [B,L,D]`` (the patch
+        embeddings before any attention), ``leaf_attn [B,25,L]`` (each leaf's last-layer
+        attention over the patches, heads averaged) -> (obs_logits [B,14], anat_logits [B,25])."""
         evidence = self.norm(leaf_attn.to(local.dtype) @ local)          # [B,25,D]
         pooled = torch.cat([cls, patches.mean(1), evidence.amax(1)], -1)
         obs_logits = self.obs_head(pooled)

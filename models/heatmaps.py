@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 
-
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``[B,C,H,W]`` (sigma in pixels, kernel 2*ceil(3 sigma)+1, reflect padding)."""
+    """Separable Gaussian blur of ``[B,C,H,W]`` (sigma in pixels, kernel 2*ceil(3 sigma)+1, reflect
+    padding)."""
     if sigma <= 0:
         return x
     radius = max(1, math.ceil(3 * sigma))
@@ -32,8 +32,9 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def normalize_maps(x: torch.Tensor, rel_eps: float = 1e-5) -> torch.Tensor:
-    """Min-max each ``[H,W]`` map of ``[...,H,W]`` to [0,1]. A map whose range is below ``rel_eps`` of its
-    magnitude (constant up to rounding noise) becomes all zeros instead of amplified noise."""
+    """Min-max each ``[H,W]`` map of ``[...,H,W]`` to [0,1]. A map whose range is below ``rel_eps``
+    of its magnitude (constant up to rounding noise) becomes all zeros instead of amplified
+    noise."""
     flat = x.flatten(-2)
     lo, hi = flat.min(-1, keepdim=True).values, flat.max(-1, keepdim=True).values
     span = hi - lo
@@ -42,7 +43,9 @@ def normalize_maps(x: torch.Tensor, rel_eps: float = 1e-5) -> torch.Tensor:
     return out.masked_fill(flat_enough, 0.0).view_as(x)
 
 
-def leaf_heatmaps(attn: torch.Tensor, grid: tuple[int, int], image_size, sigma: float | None = None) -> torch.Tensor:
+def leaf_heatmaps(
+    attn: torch.Tensor, grid: tuple[int, int], image_size, sigma: float | None = None
+) -> torch.Tensor:
     """``attn [B,Q,L]`` (L = h*w patches, row-major) -> heatmaps ``[B,Q,H,W]`` in [0,1].
 
     ``image_size`` is H (square) or (H, W); ``sigma`` is the blur in output pixels, default half a
@@ -62,8 +65,11 @@ def leaf_heatmaps(attn: torch.Tensor, grid: tuple[int, int], image_size, sigma: 
 
 
 def sentence_heatmap(heatmaps: torch.Tensor, leaves: list[str], graph) -> torch.Tensor:
-    """Mean of the given leaves' maps (``heatmaps [K,H,W]`` in leaf order), re-normalised to [0,1]."""
-    idx = torch.tensor([graph.leaf_index[n] for n in leaves], dtype=torch.long, device=heatmaps.device)
+    """Mean of the given leaves' maps (``heatmaps [K,H,W]`` in leaf order), re-normalised to
+    [0,1]."""
+    idx = torch.tensor(
+        [graph.leaf_index[n] for n in leaves], dtype=torch.long, device=heatmaps.device
+    )
     if idx.numel() == 0:
         raise ValueError("sentence_heatmap: no leaves given")
     return normalize_maps(heatmaps.index_select(0, idx).mean(0))

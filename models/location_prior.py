@@ -1,12 +1,12 @@
 """Report-derived location prior: where in the image each anatomy leaf's findings show.
 
-For leaf k the training images whose report places a finding there (the "anatomies" targets, read from
-the reports) are compared with the others, pixel by pixel: ``|mean of positives - mean of negatives|``,
-averaged over each patch and normalised to a distribution over the patch grid. No box and no mask go
-in: only images and the report-derived labels the entity head trains on. SSACL adds
+For leaf k the training images whose report places a finding there (the "anatomies" targets, read
+from the reports) are compared with the others, pixel by pixel: ``|mean of positives - mean of
+negatives|``, averaged over each patch and normalised to a distribution over the patch grid. No box
+and no mask go in: only images and the report-derived labels the entity head trains on. SSACL adds
 ``gain * log(prior / max prior)`` (clamped) to each leaf query's attention logits over the patches:
-a leaf with nothing to detect then rests on its own anatomy, not on whatever patch is safest.
-A leaf with no positive (or no negative) image gets a uniform prior.
+a leaf with nothing to detect then rests on its own anatomy, not on whatever patch is safest. A leaf
+with no positive (or no negative) image gets a uniform prior.
 """
 from __future__ import annotations
 
@@ -46,22 +46,30 @@ class LocationPriorStats:
         """``[K, L]`` float32: each leaf's distribution over the (row-major) patch grid."""
         K, H, W = self.positive.shape
         if H % patch_size or W % patch_size:
-            raise ValueError(f"location prior: image {H}x{W} is not a multiple of patch size {patch_size}")
+            raise ValueError(
+                f"location prior: image {H}x{W} is not a multiple of patch size {patch_size}"
+            )
         n_pos = self.positive_count[:, None, None]
         n_neg = self.count - n_pos
         pos_mean = self.positive / n_pos.clamp_min(1)
         neg_mean = (self.total - self.positive) / n_neg.clamp_min(1)
         diff = (pos_mean - neg_mean).abs()
-        per_patch = F.avg_pool2d(diff[:, None], patch_size).flatten(1)          # [K, L]
-        flat = (per_patch.sum(1) <= 0) | (self.positive_count == 0) | (self.positive_count == self.count)
+        per_patch = F.avg_pool2d(diff[:, None], patch_size).flatten(1)  # [K, L]
+        flat = (
+            (per_patch.sum(1) <= 0)
+            | (self.positive_count == 0)
+            | (self.positive_count == self.count)
+        )
         per_patch[flat] = 1.0
         return (per_patch / per_patch.sum(1, keepdim=True)).float()
 
 
 @torch.no_grad()
-def estimate_location_prior(batches, num_leaves: int, image_size: int, patch_size: int, device) -> torch.Tensor:
-    """``[K, L]`` prior from an iterable of batches with "image" and "anatomies" (None batches are skipped),
-    summed over ranks when distributed."""
+def estimate_location_prior(
+    batches, num_leaves: int, image_size: int, patch_size: int, device
+) -> torch.Tensor:
+    """``[K, L]`` prior from an iterable of batches with "image" and "anatomies" (None batches are
+    skipped), summed over ranks when distributed."""
     stats = LocationPriorStats(num_leaves, image_size, image_size)
     for batch in batches:
         if batch is not None:
@@ -73,18 +81,18 @@ def estimate_location_prior(batches, num_leaves: int, image_size: int, patch_siz
 
 
 def prior_bias(prior: torch.Tensor, gain: float, min_ratio: float = 1e-3) -> torch.Tensor:
-    """``gain * log(prior / max prior)``, each row's ratio clamped at ``min_ratio``: 0 on a leaf's most
-    likely patch, at most ``gain * log(min_ratio)`` below it elsewhere."""
+    """``gain * log(prior / max prior)``, each row's ratio clamped at ``min_ratio``: 0 on a leaf's
+    most likely patch, at most ``gain * log(min_ratio)`` below it elsewhere."""
     ratio = prior / prior.amax(-1, keepdim=True).clamp_min(1e-12)
     return gain * ratio.clamp_min(min_ratio).log()
 
 
 def rest_loss(attn: torch.Tensor, prior: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
-    """Where a leaf looks when it has nothing to find: ``KL(prior_k || attn_bk)`` summed over the (image,
-    leaf) pairs whose report places no finding in the leaf, divided by all B*K pairs (a per-sample mean, so
-    ranks of equal batch agree with one process). ``attn [B,K,L]`` (each leaf's attention over the patches,
-    renormalised here), ``prior [K,L]``, ``positive [B,K]`` bool. Pairs with a finding are left to the
-    entity head (the attention finds the finding)."""
+    """Where a leaf looks when it has nothing to find: ``KL(prior_k || attn_bk)`` summed over the
+    (image, leaf) pairs whose report places no finding in the leaf, divided by all B*K pairs (a
+    per-sample mean, so ranks of equal batch agree with one process). ``attn [B,K,L]`` (each leaf's
+    attention over the patches, renormalised here), ``prior [K,L]``, ``positive [B,K]`` bool. Pairs
+    with a finding are left to the entity head (the attention finds the finding)."""
     a = attn.float() / attn.float().sum(-1, keepdim=True).clamp_min(1e-12)
     p = prior.float()[None]
     kl = (p * (p.clamp_min(1e-12).log() - a.clamp_min(1e-12).log())).sum(-1)      # [B, K]

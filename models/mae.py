@@ -31,7 +31,9 @@ class MAEDecoder(nn.Module):
         self.norm_pix_loss = norm_pix_loss
         self.decoder_embed = nn.Linear(embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        self.register_buffer("decoder_pos_embed", sincos_2d(decoder_dim, *grid)[None], persistent=False)
+        self.register_buffer(
+            "decoder_pos_embed", sincos_2d(decoder_dim, *grid)[None], persistent=False
+        )
         self.decoder_blocks = nn.ModuleList(Block(decoder_dim, decoder_heads, mlp_ratio)
                                             for _ in range(decoder_depth))
         self.decoder_norm = LayerNorm(decoder_dim)
@@ -39,14 +41,18 @@ class MAEDecoder(nn.Module):
         init_weights(self)
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def forward(self, cls: torch.Tensor, patches: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        """cls [B, D], visible patches [B, Lv, D] (shuffled order), ids_restore [B, L] -> pred [B, L, p*p*C]."""
+    def forward(
+        self, cls: torch.Tensor, patches: torch.Tensor, ids_restore: torch.Tensor
+    ) -> torch.Tensor:
+        """cls [B, D], visible patches [B, Lv, D] (shuffled order), ids_restore [B, L] -> pred [B,
+        L, p*p*C]."""
         x = self.decoder_embed(torch.cat([cls[:, None], patches], dim=1))
         B, L = ids_restore.shape
         mask_tokens = self.mask_token.to(x.dtype).expand(B, L - patches.shape[1], -1)
         x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)
         x_ = x_.gather(1, ids_restore[..., None].expand(-1, -1, x.shape[-1]))  # unshuffle
-        x = torch.cat([x[:, :1], x_ + self.decoder_pos_embed.to(x.dtype)], dim=1)  # CLS has no position
+        # CLS has no position
+        x = torch.cat([x[:, :1], x_ + self.decoder_pos_embed.to(x.dtype)], dim=1)
         for blk in self.decoder_blocks:
             x, _ = blk(x)
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]

@@ -19,19 +19,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vocab.anatomy_graph import AnatomyGraph
 from models.vit import Block, init_weights
+from vocab.anatomy_graph import AnatomyGraph
 
 
 class RegionDecoder(nn.Module):
-    def __init__(self, embed_dim: int, child_index: torch.Tensor, child_mask: torch.Tensor,
-                 inner_index: torch.Tensor, decoder_dim: int = 768, depth: int = 4, num_heads: int = 16,
-                 mlp_ratio: float = 4.0):
+    def __init__(
+        self,
+        embed_dim: int,
+        child_index: torch.Tensor,
+        child_mask: torch.Tensor,
+        inner_index: torch.Tensor,
+        decoder_dim: int = 768,
+        depth: int = 4,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+    ):
         super().__init__()
         self.register_buffer("child_index", child_index.long(), persistent=False)  # [I, W]
         self.register_buffer("child_mask", child_mask.bool(), persistent=False)  # [I, W]
         self.register_buffer("inner_index", inner_index.long(), persistent=False)  # [I]
-        self.embed = nn.Identity() if decoder_dim == embed_dim else nn.Linear(embed_dim, decoder_dim, bias=False)
+        self.embed = (
+            nn.Identity()
+            if decoder_dim == embed_dim
+            else nn.Linear(embed_dim, decoder_dim, bias=False)
+        )
         self.blocks = nn.ModuleList(Block(decoder_dim, num_heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(decoder_dim, eps=1e-6, elementwise_affine=False)
         init_weights(self)
@@ -42,7 +54,8 @@ class RegionDecoder(nn.Module):
         return cls(embed_dim, idx, mask, graph.inner_index, **kwargs)
 
     def decode(self, first: torch.Tensor, children: torch.Tensor) -> torch.Tensor:
-        """first [B, I, D], children [B, I, W, D] -> position-0 outputs [B, I, Dd]; padded children masked."""
+        """first [B, I, D], children [B, I, W, D] -> position-0 outputs [B, I, Dd]; padded children
+        masked."""
         B, I, W, D = children.shape
         x = self.embed(torch.cat([first[:, :, None], children], dim=2).reshape(B * I, W + 1, D))
         keep = torch.cat([self.child_mask.new_ones(I, 1), self.child_mask], dim=1)  # [I, W+1]

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import AutoModel, BertConfig, BertModel
 
 
 class TextEncoder(nn.Module):
     def __init__(self, bert: nn.Module, tokenizer, max_length: int = 128):
         super().__init__()
         self.bert = bert
-        self.tokenizer = tokenizer  # a PreTrainedTokenizerFast (not a module, not in the state_dict)
+        # a PreTrainedTokenizerFast (not a module, not in the state_dict)
+        self.tokenizer = tokenizer
         self.max_length = max_length
 
     @property
@@ -24,9 +26,8 @@ class TextEncoder(nn.Module):
     @classmethod
     def from_sizes(cls, tokenizer, hidden_size: int = 384, num_layers: int = 6, num_heads: int = 6,
                    intermediate_size: int = 1536, max_length: int = 128, dropout: float = 0.1) -> "TextEncoder":
-        """A randomly initialised BertModel; its vocabulary is the tokenizer's; ``dropout`` on hidden states
-        and attention (BERT's 0.1)."""
-        from transformers import BertConfig, BertModel
+        """A randomly initialised BertModel; its vocabulary is the tokenizer's; ``dropout`` on
+        hidden states and attention (BERT's 0.1)."""
         config = BertConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
                             num_attention_heads=num_heads, intermediate_size=intermediate_size,
                             max_position_embeddings=max_length, pad_token_id=tokenizer.pad_token_id or 0,
@@ -36,7 +37,6 @@ class TextEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, tokenizer, max_length: int = 128) -> "TextEncoder":
         """Any local BERT-style checkpoint folder (no hub access)."""
-        from transformers import AutoModel
         try:
             bert = AutoModel.from_pretrained(path, local_files_only=True, add_pooling_layer=False)
         except TypeError:  # architectures without that switch: drop the pooler after loading
@@ -45,19 +45,29 @@ class TextEncoder(nn.Module):
                 bert.pooler = None
         vocab = bert.get_input_embeddings().num_embeddings
         if len(tokenizer) > vocab:
-            raise ValueError(f"text tokenizer has {len(tokenizer)} tokens but {path} embeds {vocab}: "
-                             "use the checkpoint's own tokenizer (model.text.tokenizer)")
+            raise ValueError(
+                f"text tokenizer has {len(tokenizer)} tokens but {path} embeds {vocab}: "
+                "use the checkpoint's own tokenizer (model.text.tokenizer)"
+            )
         max_pos = getattr(bert.config, "max_position_embeddings", max_length)
         return cls(bert, tokenizer, min(max_length, max_pos))
 
     @classmethod
     def from_config(cls, text_cfg, tokenizer) -> "TextEncoder":
-        """From ``cfg.model.text``: a local checkpoint when ``path`` is set, else built from the sizes."""
+        """From ``cfg.model.text``: a local checkpoint when ``path`` is set, else built from the
+        sizes."""
         if text_cfg.path:
             enc = cls.from_pretrained(text_cfg.path, tokenizer, text_cfg.max_length)
         else:
-            enc = cls.from_sizes(tokenizer, text_cfg.hidden_size, text_cfg.num_layers, text_cfg.num_heads,
-                                 text_cfg.intermediate_size, text_cfg.max_length, text_cfg.dropout)
+            enc = cls.from_sizes(
+                tokenizer,
+                text_cfg.hidden_size,
+                text_cfg.num_layers,
+                text_cfg.num_heads,
+                text_cfg.intermediate_size,
+                text_cfg.max_length,
+                text_cfg.dropout,
+            )
         if text_cfg.freeze:
             enc.requires_grad_(False)
         return enc

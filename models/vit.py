@@ -42,7 +42,9 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int) -> torch.Tensor:
     return torch.cat([sincos_1d(dim // 2, gw), sincos_1d(dim // 2, gh)], dim=1).float()
 
 
-def random_masking(batch: int, length: int, mask_ratio: float, device, noise: torch.Tensor | None = None):
+def random_masking(
+    batch: int, length: int, mask_ratio: float, device, noise: torch.Tensor | None = None
+):
     """MAE per-sample masking: argsort of uniform noise, keep the first ``len_keep``.
     Returns ids_keep [B, len_keep], mask [B, L] (1 = masked) and ids_restore [B, L]."""
     len_keep = max(1, int(length * (1 - mask_ratio)))
@@ -56,7 +58,8 @@ def random_masking(batch: int, length: int, mask_ratio: float, device, noise: to
 
 
 def prefix_attn_mask(num_prefix: int, seq_len: int, device) -> torch.Tensor:
-    """Bool ``[P, N]`` (True = may attend) for the P prefix rows: itself and every patch (j >= P)."""
+    """Bool ``[P, N]`` (True = may attend) for the P prefix rows: itself and every patch (j >=
+    P)."""
     mask = torch.zeros(num_prefix, seq_len, dtype=torch.bool, device=device)
     mask[:, num_prefix:] = True
     mask[:, :num_prefix].fill_diagonal_(True)
@@ -67,7 +70,9 @@ def prefix_attn_bias(mask: torch.Tensor, query_bias: torch.Tensor) -> torch.Tens
     """Float ``[B, 1, P, N]``: ``mask`` (bool [P, N]) as 0 / -inf, plus ``query_bias`` [B, Q, L]
     added to the Q query rows' patch columns (the CLS row, P - 1 = Q, gets none)."""
     B, Q, L = query_bias.shape
-    out = torch.zeros(mask.shape, dtype=query_bias.dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    out = torch.zeros(mask.shape, dtype=query_bias.dtype, device=mask.device).masked_fill(
+        ~mask, float("-inf")
+    )
     out = out.expand(B, -1, -1).clone()
     out[:, :Q, -L:] += query_bias
     return out[:, None]
@@ -82,13 +87,17 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, attn_mask=None, num_prefix: int = 0, prefix_mask=None, return_attn: bool = False):
+    def forward(
+        self, x, attn_mask=None, num_prefix: int = 0, prefix_mask=None, return_attn: bool = False
+    ):
         """With ``num_prefix`` P > 0 the first P tokens follow the query/CLS rule (module docstring)
         and ``prefix_mask`` is ``prefix_attn_mask(P, N)`` (or ``prefix_attn_bias``); else plain SDPA
         with ``attn_mask``.
         ``return_attn``: also the prefix rows' attention probabilities [B, heads, P, N] (fp32)."""
         B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = (
+            self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        )
         attn = None
         if num_prefix:
             P = num_prefix
@@ -97,7 +106,9 @@ class Attention(nn.Module):
             out = torch.cat([prefix, patches], dim=2)
             if return_attn:  # explicit fp32 probabilities, this layer only
                 with torch.autocast(x.device.type, enabled=False):
-                    logits = q[:, :, :P].float() @ k.float().transpose(-2, -1) / math.sqrt(q.shape[-1])
+                    logits = (
+                        q[:, :, :P].float() @ k.float().transpose(-2, -1) / math.sqrt(q.shape[-1])
+                    )
                     if prefix_mask.dtype == torch.bool:
                         logits = logits.masked_fill(~prefix_mask, float("-inf"))
                     else:
@@ -118,7 +129,9 @@ class Block(nn.Module):
         self.norm2 = LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
 
-    def forward(self, x, attn_mask=None, num_prefix: int = 0, prefix_mask=None, return_attn: bool = False):
+    def forward(
+        self, x, attn_mask=None, num_prefix: int = 0, prefix_mask=None, return_attn: bool = False
+    ):
         y, attn = self.attn(self.norm1(x), attn_mask, num_prefix, prefix_mask, return_attn)
         x = x + y
         return x + self.mlp(self.norm2(x)), attn
@@ -134,12 +147,13 @@ class PatchEmbed(nn.Module):
 
 
 class ConvStem(nn.Module):
-    """A small CNN stem (as hybrid ViTs' convolutional stems, Xiao et al. 2021): log2(patch) stages of 3x3
-    conv, GELU and 2x2 max-pooling, widths doubling up to half the embedding, then a linear projection; one token
-    per patch, as PatchEmbed, with the locality bias a ViT trained from scratch on little data lacks.
-    ``per_patch``: the CNN runs on every patch alone, so a token sees exactly its own patch and what a
-    leaf's attention picks from these tokens lies where the attention points. Otherwise it runs over the
-    whole image and a token also sees its neighbours (receptive field 22 px for 8 px patches)."""
+    """A small CNN stem (as hybrid ViTs' convolutional stems, Xiao et al. 2021): log2(patch) stages
+    of 3x3 conv, GELU and 2x2 max-pooling, widths doubling up to half the embedding, then a
+    linear projection; one token per patch, as PatchEmbed, with the locality bias a ViT trained
+    from scratch on little data lacks. ``per_patch``: the CNN runs on every patch alone, so a
+    token sees exactly its own patch and what a leaf's attention picks from these tokens lies
+    where the attention points. Otherwise it runs over the whole image and a token also sees its
+    neighbours (receptive field 22 px for 8 px patches)."""
 
     def __init__(self, patch_size: int, in_chans: int, embed_dim: int, per_patch: bool = True):
         super().__init__()
@@ -159,8 +173,14 @@ class ConvStem(nn.Module):
         B, C, H, W = x.shape
         p = self.patch_size
         if not self.per_patch:  # channels-last: ~1.5x faster convolutions on CPU
-            return self.proj(self.convs(x.contiguous(memory_format=torch.channels_last)).flatten(2).transpose(1, 2))
-        patches = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(-1, C, p, p)
+            return self.proj(
+                self.convs(x.contiguous(memory_format=torch.channels_last))
+                .flatten(2)
+                .transpose(1, 2)
+            )
+        patches = (
+            x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(-1, C, p, p)
+        )
         return self.proj(self.convs(patches).flatten(1)).reshape(B, (H // p) * (W // p), -1)
 
 
@@ -197,7 +217,9 @@ class VisionTransformer(nn.Module):
             self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         else:
             self.patch_embed = ConvStem(patch_size, in_chans, embed_dim, per_patch=stem == "conv")
-        self.local_embed = ConvStem(patch_size, in_chans, embed_dim) if stem == "two_scale" else None
+        self.local_embed = (
+            ConvStem(patch_size, in_chans, embed_dim) if stem == "two_scale" else None
+        )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.register_buffer("pos_embed", sincos_2d(embed_dim, g, g)[None], persistent=False)
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
@@ -218,12 +240,12 @@ class VisionTransformer(nn.Module):
                 noise=None, query_bias=None) -> dict:
         """images [B, C, H, W]; queries [Q, D] or [B, Q, D] or None. ``noise`` [B, L] optionally
         fixes the masking. ``query_bias`` [Q, L]: added to each query's attention logits over the
-        patches, in every layer (a learned spatial prior; the CLS row gets none).
-        Returns queries [B, Q, D], cls [B, D], patches [B, L_visible, D]
-        (kept in shuffled order when masked, original order when not), mask [B, L] (1 = masked),
-        ids_restore [B, L], local [B, L, D] (every patch's stem embedding, before positions and
-        attention; the per-patch CNN's with the two_scale stem), and with ``return_attn``
-        attn [B, Q, L_visible]: last-layer query -> patch attention probabilities averaged over heads."""
+        patches, in every layer (a learned spatial prior; the CLS row gets none). Returns queries
+        [B, Q, D], cls [B, D], patches [B, L_visible, D] (kept in shuffled order when masked,
+        original order when not), mask [B, L] (1 = masked), ids_restore [B, L], local [B, L, D]
+        (every patch's stem embedding, before positions and attention; the per-patch CNN's with
+        the two_scale stem), and with ``return_attn`` attn [B, Q, L_visible]: last-layer query ->
+        patch attention probabilities averaged over heads."""
         tokens = self.patch_embed(images)
         local = tokens if self.local_embed is None else self.local_embed(images)
         x = tokens + self.pos_embed.to(tokens.dtype)
@@ -253,10 +275,21 @@ class VisionTransformer(nn.Module):
             pmask = prefix_attn_bias(pmask, query_bias.to(x.dtype).expand(B, -1, -1))
         attn = None
         for i, blk in enumerate(self.blocks):
-            x, attn = blk(x, num_prefix=P, prefix_mask=pmask, return_attn=return_attn and i == len(self.blocks) - 1)
+            x, attn = blk(
+                x,
+                num_prefix=P,
+                prefix_mask=pmask,
+                return_attn=return_attn and i == len(self.blocks) - 1,
+            )
         x = self.norm(x)
-        out = {"queries": x[:, :Q], "cls": x[:, Q], "patches": x[:, P:], "mask": mask, "ids_restore": ids_restore,
-               "local": local}
+        out = {
+            "queries": x[:, :Q],
+            "cls": x[:, Q],
+            "patches": x[:, P:],
+            "mask": mask,
+            "ids_restore": ids_restore,
+            "local": local,
+        }
         if return_attn:
             out["attn"] = attn[:, :, :Q, P:].mean(1)
         return out
@@ -270,8 +303,11 @@ class VisionTransformer(nn.Module):
         for k, why in report.skipped.items():
             bare = k.removeprefix("module.")
             if why == "dropped by prefix_map":
-                report.skipped[k] = ("fixed 2-D sin-cos position table, recomputed" if bare == "pos_embed"
-                                     else "MAE decoder, not part of the encoder")
+                report.skipped[k] = (
+                    "fixed 2-D sin-cos position table, recomputed"
+                    if bare == "pos_embed"
+                    else "MAE decoder, not part of the encoder"
+                )
         return report
 
 

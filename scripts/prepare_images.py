@@ -24,7 +24,14 @@ from PIL import Image
 from tqdm import tqdm
 
 EXTS = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"}
-FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}
+FORMATS = {
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".png": "PNG",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+    ".bmp": "BMP",
+}
 
 
 def _resize(im: Image.Image, size: int) -> Image.Image:
@@ -32,8 +39,10 @@ def _resize(im: Image.Image, size: int) -> Image.Image:
     scale = size / min(w, h)
     new = (max(1, round(w * scale)), max(1, round(h * scale)))
     if im.mode.startswith("I;16") and im.mode != "I;16":
-        im = im.convert("I")                   # big-endian 16-bit: resample as 32-bit ints
-    return im.resize(new, Image.Resampling.LANCZOS if im.mode in ("L", "RGB") else Image.Resampling.BILINEAR)
+        im = im.convert("I")  # big-endian 16-bit: resample as 32-bit ints
+    return im.resize(
+        new, Image.Resampling.LANCZOS if im.mode in ("L", "RGB") else Image.Resampling.BILINEAR
+    )
 
 
 def process(job) -> tuple[str, str, str]:
@@ -57,7 +66,13 @@ def process(job) -> tuple[str, str, str]:
                 im.load()
                 small = _resize(im, size)
                 fmt = FORMATS[out.suffix.lower()]
-                kw = {"quality": 95} if fmt == "JPEG" else {"compress_level": 3} if fmt == "PNG" else {}
+                kw = (
+                    {"quality": 95}
+                    if fmt == "JPEG"
+                    else {"compress_level": 3}
+                    if fmt == "PNG"
+                    else {}
+                )
                 small.save(tmp, format=fmt, **kw)
         os.replace(tmp, out)
         return rel, "done", ""
@@ -84,7 +99,9 @@ def main(argv=None) -> int:
     jobs = [(str(args.src), str(args.dst), rel, args.size) for rel in files]
     results: dict[str, list] = {"done": [], "skipped": [], "failed": []}
     with Pool(max(1, min(args.workers, len(jobs) or 1))) as pool:
-        it = pool.imap_unordered(process, jobs, chunksize=max(1, min(64, len(jobs) // (8 * args.workers) or 1)))
+        it = pool.imap_unordered(
+            process, jobs, chunksize=max(1, min(64, len(jobs) // (8 * args.workers) or 1))
+        )
         for rel, status, err in tqdm(it, total=len(jobs), desc="resizing", unit="img"):
             results[status].append((rel, err))
     print(f"{args.dst}: {len(results['done'])} resized, {len(results['skipped'])} already done, "

@@ -36,7 +36,8 @@ MASK = torch.tensor([[0.0, 1.0], [1.0, 0.0]])  # image 1 sees patch 0, image 2 p
 def test_contrastive_init():
     con = ImageReportContrastive(4, 3, 5, temperature=0.03)
     assert con.logit_scale.exp().item() == pytest.approx(1 / 0.03)
-    torch.testing.assert_close(con.position_weight(torch.rand(7, 5)), torch.ones(7))  # neutral at init
+    # neutral at init
+    torch.testing.assert_close(con.position_weight(torch.rand(7, 5)), torch.ones(7))
 
 
 def test_contrastive_hand_computed():
@@ -70,11 +71,16 @@ def test_aca_hand_computed():
     aca = AnatomicalConsistency(identity_weight=0.9, temperature=1.0, text_temperature=0.5)
     s = math.exp(2) / (math.exp(2) + 1)  # softmax over b' of text sims (1, 0) / 0.5
     lam = [[0.9 + 0.1 * s, 0.1 * (1 - s)], [0.1 * (1 - s), 0.9 + 0.1 * s]]
-    torch.testing.assert_close(aca.pair_weights(text / text.norm(dim=-1, keepdim=True),
-                                                text / text.norm(dim=-1, keepdim=True), 0), torch.tensor(lam))
+    torch.testing.assert_close(
+        aca.pair_weights(
+            text / text.norm(dim=-1, keepdim=True), text / text.norm(dim=-1, keepdim=True), 0
+        ),
+        torch.tensor(lam),
+    )
     # sum_i CE_j for each pair (b, b'): rows of S = q_b q_b'^T, label i
     ce = [[2 * sp(-1), sp(-0.4) + sp(-0.8)],  # (1,1): I; (1,2): rows [1, .6], [0, .8]
-          [sp(-1) + sp(-0.2), 2 * sp(-0.4)]]  # (2,1): rows [1, 0], [.6, .8]; (2,2): rows [1, .6], [.6, 1]
+          # (2,1): rows [1, 0], [.6, .8]; (2,2): rows [1, .6], [.6, 1]
+          [sp(-1) + sp(-0.2), 2 * sp(-0.4)]]
     expect = sum(lam[b][c] * ce[b][c] for b in range(2) for c in range(2)) / (2 * 2)
     assert aca(leaves, text).item() == pytest.approx(expect, rel=1e-5)
 
@@ -118,8 +124,14 @@ def test_two_processes_equal_one_process_on_the_global_batch(tmp_path):
         # DDP-averaged parameter gradients equal the single-process ones, on both ranks
         for k, p in refs[name].named_parameters():
             for r in range(2):
-                torch.testing.assert_close(res[r][name]["grads"][k], p.grad, msg=f"{name} {k} rank {r}")
+                torch.testing.assert_close(
+                    res[r][name]["grads"][k], p.grad, msg=f"{name} {k} rank {r}"
+                )
     n = worker.PER_RANK
     for r in range(2):  # inputs get world_size x their slice of the single-process gradient
-        torch.testing.assert_close(res[r]["patches_grad"], 2 * data["patches"].grad[r * n:(r + 1) * n])
-        torch.testing.assert_close(res[r]["leaves_grad"], 2 * data["leaves"].grad[r * n:(r + 1) * n])
+        torch.testing.assert_close(
+            res[r]["patches_grad"], 2 * data["patches"].grad[r * n : (r + 1) * n]
+        )
+        torch.testing.assert_close(
+            res[r]["leaves_grad"], 2 * data["leaves"].grad[r * n : (r + 1) * n]
+        )

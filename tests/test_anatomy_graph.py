@@ -25,8 +25,14 @@ def test_tree(g):
     assert g.children("lungs") == ("right lung", "left lung")
     assert g.children("right lung") == tuple(f"right {p}" for p in LUNG)
     assert g.children("left lung") == tuple(f"left {p}" for p in LUNG)
-    assert g.children("mediastinum") == ("trachea", "upper mediastinum", "aortic arch", "superior vena cava",
-                                         "cardiac silhouette", "carina")
+    assert g.children("mediastinum") == (
+        "trachea",
+        "upper mediastinum",
+        "aortic arch",
+        "superior vena cava",
+        "cardiac silhouette",
+        "carina",
+    )
     assert g.children("cardiac silhouette") == ("right atrium", "cavoatrial junction")
     assert g.children("skeletal structures") == ("spine", "right clavicle", "left clavicle")
     assert g.is_leaf("abdomen") and g.children("abdomen") == ()
@@ -35,10 +41,18 @@ def test_tree(g):
     assert set(g.inner_names) == {"chest", "lungs", "right lung", "left lung", "mediastinum",
                                   "cardiac silhouette", "skeletal structures"}
     assert set(g.leaf_names) == set(g.names) - set(g.inner_names)
-    assert g.leaves_under("lungs") == tuple(f"right {p}" for p in LUNG) + tuple(f"left {p}" for p in LUNG)
-    assert set(g.leaves_under("mediastinum")) == {"trachea", "upper mediastinum", "aortic arch",
-                                                  "superior vena cava", "right atrium", "cavoatrial junction",
-                                                  "carina"}
+    assert g.leaves_under("lungs") == tuple(f"right {p}" for p in LUNG) + tuple(
+        f"left {p}" for p in LUNG
+    )
+    assert set(g.leaves_under("mediastinum")) == {
+        "trachea",
+        "upper mediastinum",
+        "aortic arch",
+        "superior vena cava",
+        "right atrium",
+        "cavoatrial junction",
+        "carina",
+    }
     assert set(g.leaves_under("chest")) == set(g.leaf_names)
     with pytest.raises(KeyError):
         g.children("liver")

@@ -28,4 +28,6 @@ def test_validate_record_names_record_and_field(rec, field):
     assert msg and "ann.json" in msg and field in msg and "#3" in msg
     if "id" in rec:
         assert "'s1'" in msg
-    assert validate_record({"id": "s1", "report": "x", "image_path": ["a.png"]}, "ann.json", 3) is None
+    assert (
+        validate_record({"id": "s1", "report": "x", "image_path": ["a.png"]}, "ann.json", 3) is None
+    )

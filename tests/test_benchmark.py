@@ -18,14 +18,31 @@ FAST = ["eval.meteor=false"]  # no Java process in a unit test
 @pytest.fixture(scope="module")
 def result():
     torch.manual_seed(0)
-    return benchmark.run_one("tiny", device="cpu", batch_size=2, iters=1, warmup=0, gen_batch_size=2,
-                             gen_iters=1, gen_warmup=0, beam=3, new_tokens=4, sets=FAST)
+    return benchmark.run_one(
+        "tiny",
+        device="cpu",
+        batch_size=2,
+        iters=1,
+        warmup=0,
+        gen_batch_size=2,
+        gen_iters=1,
+        gen_warmup=0,
+        beam=3,
+        new_tokens=4,
+        sets=FAST,
+    )
 
 
 def test_train_fields_positive(result):
     t = result["train"]
-    for key in ("samples_per_s", "step_s", "flops_per_sample", "achieved_tflops", "peak_memory_bytes",
-                "memory_per_sample_bytes"):
+    for key in (
+        "samples_per_s",
+        "step_s",
+        "flops_per_sample",
+        "achieved_tflops",
+        "peak_memory_bytes",
+        "memory_per_sample_bytes",
+    ):
         assert t[key] > 0, key
     assert t["batch_size"] == 2 and t["precision"] == "fp32"
     assert t["mfu"] is None and t["peak_tflops"] is None  # CPU: peak unknown
@@ -46,8 +63,16 @@ def test_generate_fields_positive(result):
 
 
 def test_flops_grow_with_graph_and_peak_table():
-    small = benchmark.run_one("tiny", graph="synthetic_40", device="cpu", batch_size=2, iters=1, warmup=0,
-                              skip_generate=True, sets=FAST)
+    small = benchmark.run_one(
+        "tiny",
+        graph="synthetic_40",
+        device="cpu",
+        batch_size=2,
+        iters=1,
+        warmup=0,
+        skip_generate=True,
+        sets=FAST,
+    )
     assert small["graph_leaves"] == 40 and small["query_tokens"] == small["graph_nodes"] > 40
     assert small["train"]["flops_per_sample"] > 0
     assert benchmark.peak_flops(torch.device("cpu"), torch.bfloat16) is None

@@ -55,7 +55,9 @@ def test_save_load_round_trip(tmp_path):
     for a, b in zip(model.state_dict().values(), model2.state_dict().values()):
         assert torch.equal(a, b)
     assert opt2.param_groups[0]["lr"] == 1e-2
-    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert torch.equal(
+        opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"]
+    )
     assert scaler2.get_scale() == 128.0
     # RNG streams continue exactly where they were at save time
     assert (random.random(), np.random.rand()) == expected[:2]
@@ -158,13 +160,16 @@ def test_load_partial_top_level_and_ddp_prefix():
     sd = {"module." + k: v for k, v in src.state_dict().items()}  # saved from a DDP model
     dst = Tiny()
     report = ck.load_partial(dst, sd)
-    assert len(report.matched) == len(src.state_dict()) and not report.missing and not report.skipped
+    assert (
+        len(report.matched) == len(src.state_dict()) and not report.missing and not report.skipped
+    )
     assert torch.equal(dst.head.weight, src.head.weight)
 
 
 def test_report_groups_long_missing_lists():
-    r = ck.PartialLoadReport(matched=[], missing=[f"text.layer.{i}.w" for i in range(20)] + ["lm.x"],
-                             skipped={})
+    r = ck.PartialLoadReport(
+        matched=[], missing=[f"text.layer.{i}.w" for i in range(20)] + ["lm.x"], skipped={}
+    )
     assert "text.layer.* (20), lm.x" in str(r)
 
 

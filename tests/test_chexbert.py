@@ -26,37 +26,57 @@ REPORTS = [
 
 @pytest.fixture(scope="module")
 def chexbert_dir(tmp_path_factory):
-    """A tiny random CheXbert checkpoint in the published layout + a WordPiece tokenizer, saved locally."""
+    """A tiny random CheXbert checkpoint in the published layout + a WordPiece tokenizer, saved
+    locally."""
     d = tmp_path_factory.mktemp("chexbert")
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok.train_from_iterator(REPORTS, trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials))
+    tok.train_from_iterator(
+        REPORTS, trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials)
+    )
     ids = [(t, tok.token_to_id(t)) for t in ("[CLS]", "[SEP]")]
     tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=ids)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
     fast.save_pretrained(d)
-    config = BertConfig(vocab_size=tok.get_vocab_size(), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     config.save_pretrained(d)
     torch.manual_seed(0)
     model = CheXbertModel(config)
-    state = {f"module.{k}": v for k, v in model.state_dict().items()}  # nn.DataParallel naming, as released
+    # nn.DataParallel naming, as released
+    state = {f"module.{k}": v for k, v in model.state_dict().items()}
     torch.save({"epoch": 3, "model_state_dict": state}, d / "chexbert.pth")
     return d
 
 
 def test_chexbert_loads_and_labels(chexbert_dir):
     lab = CheXbertLabeler(str(chexbert_dir / "chexbert.pth"), device="cpu", batch_size=3)
-    texts = REPORTS[:7] + ["", "word " * 200]  # an empty report, one longer than max_position_embeddings
+    # an empty report, one longer than max_position_embeddings
+    texts = REPORTS[:7] + ["", "word " * 200]
     out = lab.label(texts)
     assert out.shape == (len(texts), 14)
     assert set(np.unique(out[~np.isnan(out)])) <= {1.0, 0.0, -1.0}
     assert set(np.unique(out[~np.isnan(out[:, 13]), 13])) <= {1.0}  # No Finding: blank or positive
-    single = CheXbertLabeler(str(chexbert_dir / "chexbert.pth"), bert_dir=str(chexbert_dir), batch_size=1)
-    assert np.array_equal(single.label(texts), out, equal_nan=True)  # padding does not change a report's labels
+    single = CheXbertLabeler(
+        str(chexbert_dir / "chexbert.pth"), bert_dir=str(chexbert_dir), batch_size=1
+    )
+    # padding does not change a report's labels
+    assert np.array_equal(single.label(texts), out, equal_nan=True)
     enc = lab.tokenizer(texts[:3], padding=True, return_tensors="pt")
     with torch.no_grad():
         batched = lab.model(enc["input_ids"], enc["attention_mask"])[0]
@@ -66,7 +86,8 @@ def test_chexbert_loads_and_labels(chexbert_dir):
 
 
 def test_chexbert_class_mapping(chexbert_dir, tmp_path):
-    """Class 0 blank -> nan, 1 positive -> 1, 2 negative -> 0, 3 uncertain -> -1; No Finding 1 -> 1."""
+    """Class 0 blank -> nan, 1 positive -> 1, 2 negative -> 0, 3 uncertain -> -1; No Finding 1 ->
+    1."""
     state = torch.load(chexbert_dir / "chexbert.pth", weights_only=True)["model_state_dict"]
     wanted = [1, 2, 3, 0] * 3 + [1, 1]
     for i, cls in enumerate(wanted):
@@ -74,7 +95,8 @@ def test_chexbert_class_mapping(chexbert_dir, tmp_path):
         bias = torch.zeros_like(state[f"module.linear_heads.{i}.bias"])
         bias[cls] = 5.0
         state[f"module.linear_heads.{i}.bias"] = bias
-    torch.save(state, tmp_path / "bare.pth")  # a bare state_dict (no "model_state_dict" wrapper) also loads
+    # a bare state_dict (no "model_state_dict" wrapper) also loads
+    torch.save(state, tmp_path / "bare.pth")
     lab = CheXbertLabeler(str(tmp_path / "bare.pth"), bert_dir=str(chexbert_dir))
     out = lab.label(["the heart is enlarged", "no effusion"])
     expected = np.array([1, 0, -1, NAN] * 3 + [1, 1], dtype=float)

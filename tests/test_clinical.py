@@ -1,10 +1,10 @@
 """Clinical efficacy: every P/R/F1 flavour against hand-computed values and sklearn."""
 import math
+
 import numpy as np
 import pytest
 
-from metrics.clinical import (binarize, ce_summary, clinical_efficacy,
-                                    format_table)
+from metrics.clinical import binarize, ce_summary, clinical_efficacy, format_table
 from vocab.observations import COMMON_OBSERVATIONS, OBSERVATION_INDEX
 
 NAN = math.nan
@@ -18,11 +18,18 @@ def _labels(rows):
     return out
 
 
-REF = _labels([{"Cardiomegaly": 1, "Edema": 1}, {"Pleural Effusion": 1, "Atelectasis": -1}, {"No Finding": 1}])
+REF = _labels(
+    [{"Cardiomegaly": 1, "Edema": 1}, {"Pleural Effusion": 1, "Atelectasis": -1}, {"No Finding": 1}]
+)
 
 
-PRED = _labels([{"Cardiomegaly": 1, "Pleural Effusion": 1}, {"Pleural Effusion": 1, "Atelectasis": 1},
-                {"Edema": -1, "No Finding": 1}])
+PRED = _labels(
+    [
+        {"Cardiomegaly": 1, "Pleural Effusion": 1},
+        {"Pleural Effusion": 1, "Atelectasis": 1},
+        {"Edema": -1, "No Finding": 1},
+    ]
+)
 
 
 def test_binarize():
@@ -39,20 +46,30 @@ def test_clinical_efficacy_hand_computed():
     # all 14: TP 3 (CM s0, PE s1, NF s2), FP 2 (PE s0, AT s1), FN 1 (ED s0)
     assert a["micro"] == pytest.approx({"precision": 3 / 5, "recall": 3 / 4, "f1": 6 / 9})
     # per class F1: CM 1, NF 1, PE 2/3 (P 1/2, R 1), everything else 0 -> mean over 14
-    assert a["macro"] == pytest.approx({"precision": 2.5 / 14, "recall": 3 / 14, "f1": (8 / 3) / 14})
+    assert a["macro"] == pytest.approx(
+        {"precision": 2.5 / 14, "recall": 3 / 14, "f1": (8 / 3) / 14}
+    )
     # per study: s0 P R F 1/2; s1 P 1/2 R 1 F 2/3; s2 all 1
-    assert a["example"] == pytest.approx({"precision": 2 / 3, "recall": 2.5 / 3, "f1": (0.5 + 2 / 3 + 1) / 3})
+    assert a["example"] == pytest.approx(
+        {"precision": 2 / 3, "recall": 2.5 / 3, "f1": (0.5 + 2 / 3 + 1) / 3}
+    )
     # the 5 common: TP 2, FP 2, FN 1; s2 has nothing among them -> 0 (zero_division=0)
     assert c["micro"] == pytest.approx({"precision": 0.5, "recall": 2 / 3, "f1": 4 / 7})
     assert c["macro"] == pytest.approx({"precision": 1.5 / 5, "recall": 2 / 5, "f1": 1 / 3})
-    assert c["example"] == pytest.approx({"precision": 1 / 3, "recall": 0.5, "f1": (0.5 + 2 / 3) / 3})
+    assert c["example"] == pytest.approx(
+        {"precision": 1 / 3, "recall": 0.5, "f1": (0.5 + 2 / 3) / 3}
+    )
     pe = ce["per_observation"]["Pleural Effusion"]
-    assert (pe["support"], pe["predicted"], pe["tp"]) == (1, 2, 1) and pe["f1"] == pytest.approx(2 / 3)
+    assert (pe["support"], pe["predicted"], pe["tp"]) == (1, 2, 1) and pe["f1"] == pytest.approx(
+        2 / 3
+    )
     # uncertain counted as positive: AT s1 becomes a TP, ED s2 a FP
     pos = clinical_efficacy(PRED, REF, uncertain_as="positive")
     assert pos["all"]["micro"] == pytest.approx({"precision": 4 / 6, "recall": 4 / 5, "f1": 8 / 11})
     flat = ce_summary(ce)
-    assert flat["ce_micro_f1_14"] == pytest.approx(6 / 9) and flat["ce_macro_precision_5"] == pytest.approx(0.3)
+    assert flat["ce_micro_f1_14"] == pytest.approx(6 / 9) and flat[
+        "ce_macro_precision_5"
+    ] == pytest.approx(0.3)
     assert len(flat) == 18
 
 
@@ -72,7 +89,9 @@ def test_clinical_efficacy_equals_sklearn(uncertain_as):
         for flavour, avg in (("micro", "micro"), ("macro", "macro"), ("example", "samples")):
             sp, sr, sf, _ = precision_recall_fscore_support(r, p, average=avg, zero_division=0)
             got = ce[group][flavour]
-            assert (got["precision"], got["recall"], got["f1"]) == pytest.approx((sp, sr, sf), abs=1e-12)
+            assert (got["precision"], got["recall"], got["f1"]) == pytest.approx(
+                (sp, sr, sf), abs=1e-12
+            )
 
 
 def test_format_table_side_by_side():

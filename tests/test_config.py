@@ -4,8 +4,16 @@ import copy
 import pytest
 import yaml
 
-from utils.config import (DEFAULTS, Config, ConfigError, add_config_args, differences, load_config,
-                          save_config, with_defaults)
+from utils.config import (
+    DEFAULTS,
+    Config,
+    ConfigError,
+    add_config_args,
+    differences,
+    load_config,
+    save_config,
+    with_defaults,
+)
 
 
 def write(path, text):
@@ -140,20 +148,26 @@ def test_cli_args(tmp_path):
 
 
 def test_with_defaults_fills_keys_newer_than_a_saved_section():
-    """A checkpoint written before model.text.dropout existed still builds, with the default; a key the
-    defaults no longer have is an error naming the checkpoint."""
+    """A checkpoint written before model.text.dropout existed still builds, with the default; a key
+    the defaults no longer have is an error naming the checkpoint."""
     saved = load_config().model.to_dict()
     del saved["text"]["dropout"]
     saved["vit"]["depth"] = 3
     model = with_defaults("model", saved, "old.pth (its stored config)")
     assert model.text.dropout == 0.1 and model.vit.depth == 3
     saved["vit"]["registers"] = 4
-    with pytest.raises(ConfigError, match=r"old\.pth \(stored\): unknown config key 'model\.vit\.registers'"):
+    with pytest.raises(
+        ConfigError, match=r"old\.pth \(stored\): unknown config key 'model\.vit\.registers'"
+    ):
         with_defaults("model", saved, "old.pth (stored)")
 
 
 def test_differences_lists_changed_and_one_sided_keys():
     a = {"vit": {"depth": 4, "stem": "conv"}, "lr": 1.0, "only_a": 1}
     b = {"vit": {"depth": 3, "stem": "conv"}, "lr": 1.0, "only_b": {"x": 2}}
-    assert differences(a, b) == [("vit.depth", 4, 3), ("only_a", 1, None), ("only_b", None, {"x": 2})]
+    assert differences(a, b) == [
+        ("vit.depth", 4, 3),
+        ("only_a", 1, None),
+        ("only_b", None, {"x": 2}),
+    ]
     assert differences(load_config().to_dict(), load_config().to_dict()) == []

@@ -6,10 +6,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from datasets.cxr import MEAN, STD, build_dataset, build_transform, collate, load_image
 from datasets.annotation import DataError
-from vocab.anatomy_graph import AnatomyGraph
+from datasets.cxr import MEAN, STD, build_dataset, build_transform, collate, load_image
 from utils.config import load_config
+from vocab.anatomy_graph import AnatomyGraph
 
 GRAPH = AnatomyGraph.default()
 LABELS = [1, -1, 0, None] + [None] * 9 + [0]
@@ -22,8 +22,10 @@ def norm(v):
 def write_images(root):
     root.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.full((40, 30), 100, np.uint8)).save(root / "gray.png")                    # L
-    Image.fromarray(np.full((30, 40), 40000, np.uint16)).save(root / "deep.png")                 # I;16
-    Image.fromarray(np.full((32, 32, 3), (200, 40, 10), np.uint8)).save(root / "color.png")       # RGB
+    # I;16
+    Image.fromarray(np.full((30, 40), 40000, np.uint16)).save(root / "deep.png")
+    # RGB
+    Image.fromarray(np.full((32, 32, 3), (200, 40, 10), np.uint8)).save(root / "color.png")
     Image.fromarray(np.full((20, 20), 30000, np.int32)).save(root / "int.tif")                   # I
     side = np.zeros((48, 48), np.uint8)
     side[:, :16] = 255                                    # bright on the image's left only
@@ -72,16 +74,21 @@ def test_dataset_items_and_first_frontal_vs_all(tmp_path):
     assert torch.allclose(item["image"], torch.full((3, 16, 16), norm(100 / 255)), atol=1e-6)
     assert torch.allclose(ds[2]["image"], torch.full((3, 16, 16), norm(30000 / 65535)), atol=1e-6)
     assert item["report"] == "the heart size is normal . no pleural effusion ."
-    assert item["labels"].tolist() == [1, 0, 0, 0] + [0] * 9 + [0]                    # uncertain -> negative
+    # uncertain -> negative
+    assert item["labels"].tolist() == [1, 0, 0, 0] + [0] * 9 + [0]
     assert torch.equal(item["anatomies"], GRAPH.leaf_mask(["cardiac silhouette"]))
-    assert torch.equal(ds[2]["anatomies"], GRAPH.leaf_mask(["right lower lung zone"]))  # derived from text
-    assert not ds[1]["anatomies"].any()                        # the heart is named, but no finding is stated
-    assert not ds[3]["anatomies"].any()                                                 # nothing mentioned
+    # derived from text
+    assert torch.equal(ds[2]["anatomies"], GRAPH.leaf_mask(["right lower lung zone"]))
+    # the heart is named, but no finding is stated
+    assert not ds[1]["anatomies"].any()
+    # nothing mentioned
+    assert not ds[3]["anatomies"].any()
     cfg, _ = make_data(tmp_path, GOOD, **{"data.views": "all", "data.uncertain_as": "positive"})
     ds = build_dataset(cfg, "train", train=False)
     assert [s.id for s in ds.samples] == ["s1_0", "s1_1", "s2", "s3", "s4"]
     assert torch.allclose(ds[1]["image"], torch.full((3, 16, 16), norm(40000 / 65535)), atol=1e-6)
-    assert ds[1]["labels"][:2].tolist() == [1, 1]                                      # uncertain -> positive
+    # uncertain -> positive
+    assert ds[1]["labels"][:2].tolist() == [1, 1]
     assert len(build_dataset(cfg, "val", train=False)) == 2
     cfg, _ = make_data(tmp_path, GOOD, **{"data.max_samples": 2})
     assert len(build_dataset(cfg, "train", train=True)) == 2
@@ -137,9 +144,16 @@ def test_unreadable_image_raises_or_is_skipped_in_workers(tmp_path):
     with pytest.raises(DataError) as e:
         ds[4]
     assert "broken.png" in str(e.value) and "'u1'" in str(e.value) and str(ann) in str(e.value)
-    cfg, _ = make_data(tmp_path, GOOD + [rec("u1", ["broken.png"], labels=LABELS)], **{"data.skip_bad": True})
+    cfg, _ = make_data(
+        tmp_path, GOOD + [rec("u1", ["broken.png"], labels=LABELS)], **{"data.skip_bad": True}
+    )
     ds = build_dataset(cfg, "train", train=False)
-    ids = [i for b in DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate) if b for i in b["id"]]
+    ids = [
+        i
+        for b in DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate)
+        if b
+        for i in b["id"]
+    ]
     assert ids == ["s1", "s2", "s3", "s4"]
     assert ds.bad_counts()["unreadable_image"] == 1                # seen by a worker, counted here
     assert "broken.png" in ds.bad_summary() and "'u1'" in ds.bad_summary()

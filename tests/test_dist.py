@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from models.location_prior import estimate_location_prior
-from tests.helpers import gather_worker as worker
 from tests.helpers import TORCHRUN_ENV, torchrun
+from tests.helpers import gather_worker as worker
 from utils import dist as du
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,7 +78,9 @@ def test_torchrun_two_cpu_processes(tmp_path):
     loss.backward()
 
     images, anat = worker.make_prior_data(2)
-    prior = estimate_location_prior([{"image": images, "anatomies": anat}], anat.shape[1], images.shape[-1], 4, "cpu")
+    prior = estimate_location_prior(
+        [{"image": images, "anatomies": anat}], anat.shape[1], images.shape[-1], 4, "cpu"
+    )
 
     n = len(x_all) // 2
     for r, got in enumerate(res):

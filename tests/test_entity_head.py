@@ -1,13 +1,12 @@
 import pytest
 import torch
-
-from datasets.tokenizer import train_bpe, train_wordpiece
-from models.ssacl import SSACL
-from utils.config import load_config
 import torch.nn.functional as F
 
-from vocab.anatomy_graph import AnatomyGraph
+from datasets.tokenizer import train_bpe, train_wordpiece
 from models.entity_head import EntityHead, format_prompt, observation_names
+from models.ssacl import SSACL
+from utils.config import load_config
+from vocab.anatomy_graph import AnatomyGraph
 from vocab.observations import CHEXPERT_OBSERVATIONS, OBSERVATION_INDEX
 
 GRAPH = AnatomyGraph.default()
@@ -66,7 +65,8 @@ def test_loss_is_bce_and_training_fits_targets():
     cls, patches, local, attn = rand_inputs(B)
     labels = (cls[:, :14] > 0).float()               # learnable from CLS
     evidence = attn @ local
-    anatomies = evidence[..., 0] > evidence[..., 0].median()   # learnable from each leaf's own evidence
+    # learnable from each leaf's own evidence
+    anatomies = evidence[..., 0] > evidence[..., 0].median()
     obs, anat = head(cls, patches, local, attn)
     expected = (F.binary_cross_entropy_with_logits(obs, labels)
                 + F.binary_cross_entropy_with_logits(anat, anatomies.float()))
@@ -85,10 +85,10 @@ def test_loss_is_bce_and_training_fits_targets():
 
 
 def test_anatomy_loss_teaches_attention_to_point_at_the_region():
-    """Multiple-instance learning: 4 leaves, each owning 2 of 8 positions; a finding (a patch whose local
-    feature has a marker) in a leaf's positions makes that leaf positive. Free attention logits per leaf,
-    trained only by the anatomy loss through the shared scorer, must end up peaking on the leaf's own
-    positions: the mechanism behind the grounding heatmaps."""
+    """Multiple-instance learning: 4 leaves, each owning 2 of 8 positions; a finding (a patch whose
+    local feature has a marker) in a leaf's positions makes that leaf positive. Free attention
+    logits per leaf, trained only by the anatomy loss through the shared scorer, must end up peaking
+    on the leaf's own positions: the mechanism behind the grounding heatmaps."""
     torch.manual_seed(0)
     L, K, B = 8, 4, 64
     head = EntityHead(D, num_observations=1, num_leaves=K)
@@ -121,17 +121,29 @@ def test_leaves_shown_falls_back_to_every_leaf_for_a_normal_study():
 def test_prompt_strings():
     assert format_prompt([]) == "Findings: none."
     assert format_prompt(["No Finding"]) == "Findings: none."
-    assert format_prompt(["Cardiomegaly", "Pleural Effusion"]) == "Findings: cardiomegaly, pleural effusion."
+    assert (
+        format_prompt(["Cardiomegaly", "Pleural Effusion"])
+        == "Findings: cardiomegaly, pleural effusion."
+    )
     probs = torch.cat([onehot("Pleural Effusion", "Cardiomegaly") * 0.9, onehot("No Finding") * 0.7,
                        torch.full((1, 14), 0.4)])
-    assert EntityHead.prompt(probs, 0.5) == ["Findings: cardiomegaly, pleural effusion.", "Findings: none.",
-                                             "Findings: none."]
+    assert EntityHead.prompt(probs, 0.5) == [
+        "Findings: cardiomegaly, pleural effusion.",
+        "Findings: none.",
+        "Findings: none.",
+    ]
     assert EntityHead.prompt(probs, 0.3)[2] == "Findings: " + ", ".join(
         n.lower() for n in CHEXPERT_OBSERVATIONS if n != "No Finding") + "."
 
 
 def test_no_finding_dropped_next_to_a_pathology_kept_with_devices():
-    rows = torch.cat([onehot("No Finding", "Edema"), onehot("No Finding", "Support Devices"), onehot("No Finding")])
+    rows = torch.cat(
+        [
+            onehot("No Finding", "Edema"),
+            onehot("No Finding", "Support Devices"),
+            onehot("No Finding"),
+        ]
+    )
     assert observation_names(rows) == [["Edema"], ["Support Devices", "No Finding"], ["No Finding"]]
 
 
@@ -164,7 +176,9 @@ def tiny_ssacl():
     cfg = load_config(None)
     cfg.data.image_size = 32
     cfg.model.vit.update(patch_size=8, embed_dim=32, depth=2, num_heads=2)
-    cfg.model.text.update(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, vocab_size=200)
+    cfg.model.text.update(
+        hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, vocab_size=200
+    )
     for k in ("mae", "region"):
         cfg.model[k].update(decoder_dim=32, decoder_depth=1, decoder_heads=2)
     cfg.model.decoder.update(n_embd=32, n_layer=2, n_head=2, n_positions=256)
@@ -202,10 +216,20 @@ def test_ssacl_generate_ignores_reference_report_labels_and_anatomies():
     B = 3
     torch.manual_seed(1)
     images = torch.randn(B, 3, 32, 32)
-    batch = {"image": images, "id": ["a", "b", "c"], "report": ["the heart is normal ."] * B,
-             "labels": torch.zeros(B, 14), "anatomies": torch.ones(B, 25, dtype=torch.bool), "index": torch.arange(B)}
-    corrupt = {**batch, "report": ["small left pleural effusion ."] * B, "labels": torch.ones(B, 14),
-               "anatomies": torch.rand(B, 25) > 0.5}
+    batch = {
+        "image": images,
+        "id": ["a", "b", "c"],
+        "report": ["the heart is normal ."] * B,
+        "labels": torch.zeros(B, 14),
+        "anatomies": torch.ones(B, 25, dtype=torch.bool),
+        "index": torch.arange(B),
+    }
+    corrupt = {
+        **batch,
+        "report": ["small left pleural effusion ."] * B,
+        "labels": torch.ones(B, 14),
+        "anatomies": torch.rand(B, 25) > 0.5,
+    }
     kw = dict(beam_size=2, max_new_tokens=6)
     out = model.generate(batch, **kw)
     assert model.generate(corrupt, **kw) == out
@@ -219,6 +243,7 @@ def test_ssacl_generate_ignores_reference_report_labels_and_anatomies():
     pred_mask = torch.stack([GRAPH.leaf_mask(o["anatomies"]) for o in out])
     same = model.report_decoder.generate(visual, torch.cat([pred_mask, rest], 1), prompts, **kw)
     assert same == [o["report"] for o in out]
-    other = model.report_decoder.generate(visual, torch.cat([~pred_mask | (torch.arange(25) < 2), rest], 1),
-                                          prompts, **kw)
+    other = model.report_decoder.generate(
+        visual, torch.cat([~pred_mask | (torch.arange(25) < 2), rest], 1), prompts, **kw
+    )
     assert other != same

@@ -1,4 +1,5 @@
-"""engine/evaluate.py: validation loss, generation + scoring + files + TensorBoard, synthetic grounding."""
+"""engine/evaluate.py: validation loss, generation + scoring + files + TensorBoard, synthetic
+grounding."""
 import json
 import os
 import shutil
@@ -13,9 +14,9 @@ from torch.utils.data import DataLoader
 
 from datasets.cxr import build_dataset, collate
 from engine.evaluate import evaluate_loss, generate_and_score
-from vocab.anatomy_graph import AnatomyGraph
 from tests.helpers import free_port, synthetic, write_config
 from utils.config import load_config
+from vocab.anatomy_graph import AnatomyGraph
 
 GRAPH = AnatomyGraph.default()
 
@@ -51,8 +52,8 @@ def test_evaluate_loss_is_the_sample_weighted_mean():
 
 
 class Oracle(nn.Module):
-    """A stand-in for SSACL: generates the reference (or a fixed text), and heatmaps that are the synthetic
-    region masks themselves (or noise)."""
+    """A stand-in for SSACL: generates the reference (or a fixed text), and heatmaps that are the
+    synthetic region masks themselves (or noise)."""
 
     leaf_names = GRAPH.leaf_names
 
@@ -65,8 +66,15 @@ class Oracle(nn.Module):
     def forward(self, batch):
         return {"loss": self.w.sum()}
 
-    def generate(self, batch, beam_size=1, max_new_tokens=100, min_new_tokens=0, repetition_penalty=1.0,
-                 length_penalty=1.0):
+    def generate(
+        self,
+        batch,
+        beam_size=1,
+        max_new_tokens=100,
+        min_new_tokens=0,
+        repetition_penalty=1.0,
+        length_penalty=1.0,
+    ):
         self.current_ids = list(batch["id"])
         reports = batch["report"] if self.perfect else ["the heart is normal ."] * len(batch["id"])
         return [{"id": i, "report": r, "entities": ["Cardiomegaly"], "anatomies": ["lungs"]}
@@ -92,8 +100,11 @@ class Oracle(nn.Module):
 def synth(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval")
     ann = synthetic(tmp / "data", n=30)
-    cfg = load_config(write_config(tmp / "cfg.yaml", ann, tmp / "out", eval={"num_visualize": 2,
-                                                                             "num_text_samples": 3}))
+    cfg = load_config(
+        write_config(
+            tmp / "cfg.yaml", ann, tmp / "out", eval={"num_visualize": 2, "num_text_samples": 3}
+        )
+    )
     records = {r["id"]: r for r in json.load(open(ann))["test"]}
     return tmp, cfg, records
 
@@ -111,7 +122,9 @@ def test_generate_and_score_perfect_oracle(synth):
     loader = _loader(dataset, list(range(n)) + [0, 1])
     tb = Recorder()
     out_dir = tmp / "out" / "perfect"
-    metrics = generate_and_score(model, loader, "cpu", cfg, out_dir, tb=tb, epoch=3, prefix="val", split="test")
+    metrics = generate_and_score(
+        model, loader, "cpu", cfg, out_dir, tb=tb, epoch=3, prefix="val", split="test"
+    )
 
     rows = [json.loads(line) for line in open(out_dir / "generated.jsonl")]
     assert [r["id"] for r in rows] == [dataset.samples[i].id for i in range(n)]
@@ -119,8 +132,13 @@ def test_generate_and_score_perfect_oracle(synth):
     assert all(r["generated"] == r["reference"] for r in rows)
     saved = json.load(open(out_dir / "metrics.json"))
     assert saved["num_studies"] == metrics["num_studies"] == n
-    assert "per_observation" in saved["clinical_efficacy"]["all"] or "per_observation" in saved["clinical_efficacy"]
-    assert metrics["BLEU_4"] == pytest.approx(1.0, abs=1e-6) and metrics["ROUGE_L"] == pytest.approx(1.0)
+    assert (
+        "per_observation" in saved["clinical_efficacy"]["all"]
+        or "per_observation" in saved["clinical_efficacy"]
+    )
+    assert metrics["BLEU_4"] == pytest.approx(1.0, abs=1e-6) and metrics[
+        "ROUGE_L"
+    ] == pytest.approx(1.0)
     if shutil.which("java"):
         assert metrics["METEOR"] == pytest.approx(1.0, abs=1e-3)
     assert metrics["ce_micro_f1_14"] == pytest.approx(1.0)
@@ -156,8 +174,15 @@ def test_generate_and_score_unwraps_ddp(synth):
     try:
         ddp = nn.parallel.DistributedDataParallel(model)
         cfg = load_config(None, [f"data.annotation={cfg.data.annotation}", "eval.meteor=false"])
-        metrics = generate_and_score(ddp, _loader(dataset, [0, 1, 2]), "cpu", cfg, tmp / "out" / "ddp",
-                                     prefix="test", num_visualize=0)
+        metrics = generate_and_score(
+            ddp,
+            _loader(dataset, [0, 1, 2]),
+            "cpu",
+            cfg,
+            tmp / "out" / "ddp",
+            prefix="test",
+            num_visualize=0,
+        )
     finally:
         tdist.destroy_process_group()
     assert metrics["num_studies"] == 3 and metrics["BLEU_4"] == pytest.approx(1.0, abs=1e-6)

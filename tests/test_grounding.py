@@ -1,4 +1,5 @@
-"""Grounding metrics against hand-computed values; boxes mapped like the image; the MS-CXR loader."""
+"""Grounding metrics against hand-computed values; boxes mapped like the image; the MS-CXR
+loader."""
 import json
 import math
 
@@ -6,9 +7,21 @@ import numpy as np
 import pytest
 import torch
 
-from metrics.grounding import (THRESHOLDS, aggregate, box_to_mask, cnr, dice, grounding_metrics,
-                                     iou_at_thresholds, load_ms_cxr, mean_iou, normalize, pointing_game,
-                                     transform_boxes, zhang_tolerance)
+from metrics.grounding import (
+    THRESHOLDS,
+    aggregate,
+    box_to_mask,
+    cnr,
+    dice,
+    grounding_metrics,
+    iou_at_thresholds,
+    load_ms_cxr,
+    mean_iou,
+    normalize,
+    pointing_game,
+    transform_boxes,
+    zhang_tolerance,
+)
 
 # 4x4 heatmap (values 0..15 / 15 after min-max) and a 2x2 mask in its bottom-right corner.
 HEAT = np.arange(16, dtype=float).reshape(4, 4)
@@ -25,7 +38,9 @@ def test_iou_at_thresholds_hand_computed():
     assert len(default) == 9 and THRESHOLDS[0] == 0.1 and THRESHOLDS[-1] == 0.9
     assert mean_iou(HEAT, MASK) == pytest.approx(default.mean())
     # min-max normalisation: an affine change of the heatmap changes nothing; torch input works
-    assert iou_at_thresholds(torch.tensor(HEAT * 3 + 7), torch.tensor(MASK)) == pytest.approx(default)
+    assert iou_at_thresholds(torch.tensor(HEAT * 3 + 7), torch.tensor(MASK)) == pytest.approx(
+        default
+    )
     assert np.isnan(iou_at_thresholds(HEAT, np.zeros((4, 4), bool))).all()  # no region: undefined
     assert normalize(np.ones((3, 3))).max() == 0  # a flat map selects nothing
 
@@ -63,7 +78,11 @@ def test_dice():
 
 def test_grounding_metrics_and_aggregate():
     m = grounding_metrics(HEAT, MASK)
-    assert m["iou@0.5"] == pytest.approx(0.5) and m["pointing_game"] == 1.0 and m["dice"] == pytest.approx(8 / 12)
+    assert (
+        m["iou@0.5"] == pytest.approx(0.5)
+        and m["pointing_game"] == 1.0
+        and m["dice"] == pytest.approx(8 / 12)
+    )
     assert m["miou"] == pytest.approx(np.mean([m[f"iou@{t:g}"] for t in THRESHOLDS]))
     agg = aggregate([{"cnr": 1.0, "pointing_game": 1.0}, {"cnr": 3.0, "pointing_game": math.nan},
                      {"cnr": math.inf, "pointing_game": 0.0}])
@@ -91,7 +110,8 @@ def test_box_mapping_hand_computed():
 
 @pytest.mark.parametrize("mode", ["resize", "center_crop"])
 def test_box_follows_the_image_transform(mode):
-    """A white box drawn into the image lands where the mapped box mask says, after torchvision's transform."""
+    """A white box drawn into the image lands where the mapped box mask says, after torchvision's
+    transform."""
     from torchvision.transforms import v2
     H, W, size, box = 300, 240, 64, [37, 81, 90, 55]
     img = torch.zeros(1, H, W)
@@ -106,24 +126,64 @@ def test_box_follows_the_image_transform(mode):
 
 def test_load_ms_cxr(tmp_path):
     coco = {
-        "images": [{"id": 1, "file_name": "files/p10/s1/abc.jpg", "path": "files/p10/s1/abc.jpg",
-                    "width": 2544, "height": 3056},
-                   {"id": 2, "file_name": "files/p11/s2/def.jpg", "path": "files/p11/s2/def.jpg",
-                    "width": 2000, "height": 2000}],
+        "images": [
+            {
+                "id": 1,
+                "file_name": "files/p10/s1/abc.jpg",
+                "path": "files/p10/s1/abc.jpg",
+                "width": 2544,
+                "height": 3056,
+            },
+            {
+                "id": 2,
+                "file_name": "files/p11/s2/def.jpg",
+                "path": "files/p11/s2/def.jpg",
+                "width": 2000,
+                "height": 2000,
+            },
+        ],
         "categories": [{"id": 1, "name": "Pneumonia"}, {"id": 2, "name": "Pleural effusion"}],
         "annotations": [
-            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [10, 20, 30, 40], "label_text": "bilateral pneumonia"},
-            {"id": 2, "image_id": 2, "category_id": 2, "bbox": [5, 5, 10, 10], "label_text": "left effusion"},
-            {"id": 3, "image_id": 1, "category_id": 1, "bbox": [100, 200, 30, 40], "label_text": "bilateral pneumonia"},
-            {"id": 4, "image_id": 1, "category_id": 1, "bbox": [1, 2, 3, 4], "label_text": "right lower pneumonia"},
-        ]}
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": [10, 20, 30, 40],
+                "label_text": "bilateral pneumonia",
+            },
+            {
+                "id": 2,
+                "image_id": 2,
+                "category_id": 2,
+                "bbox": [5, 5, 10, 10],
+                "label_text": "left effusion",
+            },
+            {
+                "id": 3,
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": [100, 200, 30, 40],
+                "label_text": "bilateral pneumonia",
+            },
+            {
+                "id": 4,
+                "image_id": 1,
+                "category_id": 1,
+                "bbox": [1, 2, 3, 4],
+                "label_text": "right lower pneumonia",
+            },
+        ],
+    }
     path = tmp_path / "ms_cxr.json"
     path.write_text(json.dumps(coco))
     entries = load_ms_cxr(str(path))
     assert len(entries) == 3  # the two boxes of "bilateral pneumonia" merge into one phrase
     first = entries[0]
     assert first["dicom_id"] == "abc" and first["category"] == "Pneumonia"
-    assert first["label_text"] == "bilateral pneumonia" and first["boxes"] == [[10, 20, 30, 40], [100, 200, 30, 40]]
+    assert first["label_text"] == "bilateral pneumonia" and first["boxes"] == [
+        [10, 20, 30, 40],
+        [100, 200, 30, 40],
+    ]
     assert (first["height"], first["width"]) == (3056, 2544)
     assert [e["label_text"] for e in entries[1:]] == ["left effusion", "right lower pneumonia"]
     mask = box_to_mask(first["boxes"], (first["height"], first["width"]), 224)

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from models.heatmaps import gaussian_blur, leaf_heatmaps, normalize_maps, sentence_heatmap
 from vocab.anatomy_graph import AnatomyGraph
-from models.heatmaps import (gaussian_blur, leaf_heatmaps, normalize_maps, sentence_heatmap)
 
 GRAPH = AnatomyGraph.default()
 
@@ -31,7 +31,8 @@ def test_no_blur_is_bilinear_upsampling():
     maps = leaf_heatmaps(attn, (4, 4), 8, sigma=0)
     up = F.interpolate(attn.view(1, 2, 4, 4), size=(8, 8), mode="bilinear", align_corners=False)
     assert torch.allclose(maps, normalize_maps(up), atol=1e-6)
-    assert not torch.allclose(leaf_heatmaps(attn, (4, 4), 8), maps, atol=1e-3)  # default sigma smooths
+    # default sigma smooths
+    assert not torch.allclose(leaf_heatmaps(attn, (4, 4), 8), maps, atol=1e-3)
 
 
 def test_gaussian_blur_hand_computed():

@@ -15,33 +15,74 @@ POS, NEG, UNC = 1.0, 0.0, -1.0
 
 # observation -> (positive, negated, uncertain) sentences
 CASES = {
-    "Enlarged Cardiomediastinum": ("The mediastinum is widened.", "The mediastinum is not widened.",
-                                   "Possible mediastinal widening."),
-    "Cardiomegaly": ("The heart is enlarged.", "No cardiomegaly.", "Mild cardiomegaly cannot be excluded."),
-    "Lung Opacity": ("There is an opacity in the right lower lung zone.", "No focal opacity is seen.",
-                     "Possible opacity at the left base."),
-    "Lung Lesion": ("A nodule in the left mid lung zone.", "No nodules or masses.",
-                    "Questionable nodule in the right upper lobe."),
+    "Enlarged Cardiomediastinum": (
+        "The mediastinum is widened.",
+        "The mediastinum is not widened.",
+        "Possible mediastinal widening.",
+    ),
+    "Cardiomegaly": (
+        "The heart is enlarged.",
+        "No cardiomegaly.",
+        "Mild cardiomegaly cannot be excluded.",
+    ),
+    "Lung Opacity": (
+        "There is an opacity in the right lower lung zone.",
+        "No focal opacity is seen.",
+        "Possible opacity at the left base.",
+    ),
+    "Lung Lesion": (
+        "A nodule in the left mid lung zone.",
+        "No nodules or masses.",
+        "Questionable nodule in the right upper lobe.",
+    ),
     "Edema": ("Pulmonary edema.", "There is no pulmonary edema.", "Mild edema may be present."),
-    "Consolidation": ("Consolidation in the left lower lobe.", "Free of focal consolidation.",
-                      "Consolidation cannot be excluded."),
-    "Pneumonia": ("Right lower lobe pneumonia.", "No evidence of pneumonia.", "Findings may represent pneumonia."),
-    "Atelectasis": ("Linear atelectasis at the right base.", "The atelectasis has resolved.",
-                    "Likely atelectasis at the left base."),
-    "Pneumothorax": ("Right apical pneumothorax.", "No pleural effusion or pneumothorax.",
-                     "Questionable small apical pneumothorax."),
-    "Pleural Effusion": ("Small left pleural effusion.", "No pleural effusion or pneumothorax.",
-                         "Possible small left pleural effusion."),
-    "Pleural Other": ("Right apical pleural thickening.", "No pleural thickening.",
-                      "Pleural thickening versus small effusion."),
-    "Fracture": ("Fracture of the left clavicle.", "No acute fracture.", "Possible nondisplaced rib fracture."),
-    "Support Devices": ("A right internal jugular catheter terminates at the cavoatrial junction.",
-                        "The chest tube has been removed.", "Possible retained catheter fragment."),
+    "Consolidation": (
+        "Consolidation in the left lower lobe.",
+        "Free of focal consolidation.",
+        "Consolidation cannot be excluded.",
+    ),
+    "Pneumonia": (
+        "Right lower lobe pneumonia.",
+        "No evidence of pneumonia.",
+        "Findings may represent pneumonia.",
+    ),
+    "Atelectasis": (
+        "Linear atelectasis at the right base.",
+        "The atelectasis has resolved.",
+        "Likely atelectasis at the left base.",
+    ),
+    "Pneumothorax": (
+        "Right apical pneumothorax.",
+        "No pleural effusion or pneumothorax.",
+        "Questionable small apical pneumothorax.",
+    ),
+    "Pleural Effusion": (
+        "Small left pleural effusion.",
+        "No pleural effusion or pneumothorax.",
+        "Possible small left pleural effusion.",
+    ),
+    "Pleural Other": (
+        "Right apical pleural thickening.",
+        "No pleural thickening.",
+        "Pleural thickening versus small effusion.",
+    ),
+    "Fracture": (
+        "Fracture of the left clavicle.",
+        "No acute fracture.",
+        "Possible nondisplaced rib fracture.",
+    ),
+    "Support Devices": (
+        "A right internal jugular catheter terminates at the cavoatrial junction.",
+        "The chest tube has been removed.",
+        "Possible retained catheter fragment.",
+    ),
 }
-PARAMS = [(obs, want, text) for obs, texts in CASES.items() for want, text in zip((POS, NEG, UNC), texts)]
+PARAMS = [
+    (obs, want, text) for obs, texts in CASES.items() for want, text in zip((POS, NEG, UNC), texts)
+]
 
-# The synthetic generator's phrasing -> every observation the sentence mentions (the rest must be nan,
-# except No Finding, checked separately).
+# The synthetic generator's phrasing -> every observation the sentence mentions (the rest must be
+# nan, except No Finding, checked separately).
 SYNTHETIC = {
     "There is an opacity in the right lower lung zone.": {"Lung Opacity": POS},
     "Small left pleural effusion.": {"Pleural Effusion": POS},
@@ -52,7 +93,9 @@ SYNTHETIC = {
     "Linear atelectasis at the right base.": {"Atelectasis": POS},
     "Pulmonary edema with perihilar haziness.": {"Edema": POS, "Lung Opacity": POS},
     "Fracture of the left clavicle.": {"Fracture": POS},
-    "A right internal jugular catheter terminates at the cavoatrial junction.": {"Support Devices": POS},
+    "A right internal jugular catheter terminates at the cavoatrial junction.": {
+        "Support Devices": POS
+    },
     "The mediastinum is widened.": {"Enlarged Cardiomediastinum": POS},
     "Consolidation in the left lower lobe.": {"Consolidation": POS},
     "Heart size is normal. The lungs are clear.": {"Cardiomegaly": NEG, "Lung Opacity": NEG},
@@ -93,24 +136,37 @@ def test_synthetic_generator_phrasing():
     for row, (text, want) in zip(out, SYNTHETIC.items()):
         for i, obs in enumerate(CHEXPERT_OBSERVATIONS[:-1]):
             expected = want.get(obs, NAN)
-            assert (math.isnan(row[i]) and math.isnan(expected)) or row[i] == expected, (text, obs, row[i])
+            assert (math.isnan(row[i]) and math.isnan(expected)) or row[i] == expected, (
+                text,
+                obs,
+                row[i],
+            )
 
 
 def test_no_finding_rule():
     nf = OBSERVATION_INDEX["No Finding"]
     assert _vec("No acute cardiopulmonary process.")[nf] == POS
     assert _vec("")[nf] == POS  # nothing positive or uncertain
-    assert _vec("No pleural effusion. Right PICC line in the SVC.")[nf] == POS  # support devices do not count
+    # support devices do not count
+    assert _vec("No pleural effusion. Right PICC line in the SVC.")[nf] == POS
     assert math.isnan(_vec("Small left pleural effusion.")[nf])  # CheXpert: nan (blank), never 0
     assert math.isnan(_vec("Possible pneumonia.")[nf])  # uncertain counts as a finding
 
 
 def test_scope_breakers_pseudo_negation_and_aggregation():
     v = _vec("No pleural effusion, but there is a small pneumothorax.")
-    assert v[OBSERVATION_INDEX["Pleural Effusion"]] == NEG and v[OBSERVATION_INDEX["Pneumothorax"]] == POS
+    assert (
+        v[OBSERVATION_INDEX["Pleural Effusion"]] == NEG
+        and v[OBSERVATION_INDEX["Pneumothorax"]] == POS
+    )
     v = _vec("There is no pneumothorax or pleural effusion, and the heart is enlarged.")
-    assert v[OBSERVATION_INDEX["Cardiomegaly"]] == POS and v[OBSERVATION_INDEX["Pneumothorax"]] == NEG
-    assert _vec("No change in the large left pleural effusion.")[OBSERVATION_INDEX["Pleural Effusion"]] == POS
+    assert (
+        v[OBSERVATION_INDEX["Cardiomegaly"]] == POS and v[OBSERVATION_INDEX["Pneumothorax"]] == NEG
+    )
+    assert (
+        _vec("No change in the large left pleural effusion.")[OBSERVATION_INDEX["Pleural Effusion"]]
+        == POS
+    )
     assert _vec("The pneumothorax is no longer seen.")[OBSERVATION_INDEX["Pneumothorax"]] == NEG
     assert _vec("Pleural effusions have resolved.")[OBSERVATION_INDEX["Pleural Effusion"]] == NEG
     assert _vec("Heart size is normal.")[OBSERVATION_INDEX["Cardiomegaly"]] == NEG
@@ -119,13 +175,18 @@ def test_scope_breakers_pseudo_negation_and_aggregation():
     assert _vec("Pneumonia?")[OBSERVATION_INDEX["Pneumonia"]] == UNC
     assert _vec("Cannot exclude pneumonia.")[OBSERVATION_INDEX["Pneumonia"]] == UNC
     assert _vec("No findings to suggest pneumonia.")[OBSERVATION_INDEX["Pneumonia"]] == NEG
-    # sentence scope: a negation does not cross a sentence; mentions aggregate positive > uncertain > negative
+    # sentence scope: a negation does not cross a sentence; mentions aggregate positive > uncertain
+    # > negative
     v = _vec("No pleural effusion. Small left pleural effusion. Possible pneumonia. No pneumonia.")
-    assert v[OBSERVATION_INDEX["Pleural Effusion"]] == POS and v[OBSERVATION_INDEX["Pneumonia"]] == UNC
+    assert (
+        v[OBSERVATION_INDEX["Pleural Effusion"]] == POS and v[OBSERVATION_INDEX["Pneumonia"]] == UNC
+    )
     # "versus" binds its neighbours only
     v = _vec("Increased retrocardiac opacity, atelectasis vs consolidation.")
     assert v[OBSERVATION_INDEX["Lung Opacity"]] == POS
-    assert v[OBSERVATION_INDEX["Atelectasis"]] == UNC and v[OBSERVATION_INDEX["Consolidation"]] == UNC
+    assert (
+        v[OBSERVATION_INDEX["Atelectasis"]] == UNC and v[OBSERVATION_INDEX["Consolidation"]] == UNC
+    )
 
 
 def test_trigger_prefilter_never_drops_a_mention():
@@ -133,7 +194,8 @@ def test_trigger_prefilter_never_drops_a_mention():
     full._mentions = [(i, ("",), p, n) for i, _, p, n in full._mentions]  # "" is in every clause
     a, b = fast.label(REPORTS), full.label(REPORTS)
     assert np.array_equal(a, b, equal_nan=True)
-    assert np.array_equal(fast.label(REPORTS), a, equal_nan=True)  # the sentence cache changes nothing
+    # the sentence cache changes nothing
+    assert np.array_equal(fast.label(REPORTS), a, equal_nan=True)
 
 
 
@@ -149,7 +211,9 @@ def test_trigger_prefilter_never_drops_a_mention():
 
 
 def test_finding_anatomies_only_from_sentences_that_state_a_finding():
-    report = ("Small effusion at the right costophrenic angle. The heart size is normal. The left lung is clear. "
-              "Possible left lower lobe atelectasis.")
+    report = (
+        "Small effusion at the right costophrenic angle. The heart size is normal. The left lung is clear. "
+        "Possible left lower lobe atelectasis."
+    )
     assert finding_anatomies(report, GRAPH) == ["right costophrenic angle", "left lower lung zone"]
     assert finding_anatomies("The lungs are clear. No pneumothorax.", GRAPH) == []

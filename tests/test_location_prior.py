@@ -7,8 +7,8 @@ from models.location_prior import LocationPriorStats, estimate_location_prior, p
 
 
 def marked_batch(n=40, size=16, patch=4, seed=0):
-    """Noise images; leaf 0's positives are brighter on patch (1, 2), leaf 2's darker on patch (3, 0),
-    leaf 1 has no positive image."""
+    """Noise images; leaf 0's positives are brighter on patch (1, 2), leaf 2's darker on patch (3,
+    0), leaf 1 has no positive image."""
     g = torch.Generator().manual_seed(seed)
     images = torch.randn(n, 3, size, size, generator=g) * 0.1
     anat = torch.zeros(n, 3, dtype=torch.bool)
@@ -21,7 +21,9 @@ def marked_batch(n=40, size=16, patch=4, seed=0):
 
 def test_prior_peaks_where_the_positive_images_differ_and_is_uniform_without_positives():
     batch = marked_batch()
-    prior = estimate_location_prior([batch, None], num_leaves=3, image_size=16, patch_size=4, device="cpu")
+    prior = estimate_location_prior(
+        [batch, None], num_leaves=3, image_size=16, patch_size=4, device="cpu"
+    )
     assert prior.shape == (3, 16)
     torch.testing.assert_close(prior.sum(1), torch.ones(3))
     assert prior[0].argmax() == 1 * 4 + 2          # brighter patch
@@ -57,12 +59,15 @@ def test_errors_name_the_problem():
 def test_rest_loss_is_the_kl_to_the_prior_over_pairs_without_a_finding():
     prior = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]])
     positive = torch.tensor([[False, True], [True, True]])
-    attn = torch.tensor([[[0.25, 0.25, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]],        # (0, 0): the prior at half mass
-                         [[0.0, 0.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0]]])         # positives: anything goes
+    # (0, 0): the prior at half mass
+    attn = torch.tensor([[[0.25, 0.25, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]],
+                         # positives: anything goes
+                         [[0.0, 0.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0]]])
     assert rest_loss(attn, prior, positive).item() == pytest.approx(0.0, abs=1e-6)
     attn[0, 0] = torch.tensor([0.75, 0.25, 0.0, 0.0])
     kl = 0.5 * math.log(0.5 / 0.75) + 0.5 * math.log(0.5 / 0.25)
-    assert rest_loss(attn, prior, positive).item() == pytest.approx(kl / 4, rel=1e-5)   # 1 of 4 pairs
+    # 1 of 4 pairs
+    assert rest_loss(attn, prior, positive).item() == pytest.approx(kl / 4, rel=1e-5)
     assert rest_loss(attn, prior, torch.ones(2, 2, dtype=torch.bool)).item() == 0.0
 
 

@@ -86,32 +86,70 @@ def test_param_groups(wrap):
     p = "module." if wrap else ""
     got = group_names(groups, root)
     assert got == {
-        "decay": sorted(p + n for n in ["vit.qkv.weight", "text_encoder.query.weight",
-                                        "report_decoder.visual_proj.weight"]),
-        "no_decay": sorted(p + n for n in [
-            "vit.pos_embed", "vit.cls_token", "vit.leaf_queries", "vit.qkv.bias", "vit.norm.weight",
-            "vit.norm.bias", "mae_decoder.mask_token", "text_encoder.query.bias",
-            "text_encoder.position_embeddings.weight", "report_decoder.visual_proj.bias"]),
-        "decay_lr_x0.1": sorted(p + n for n in ["report_decoder.lm.wte.weight", "report_decoder.lm.c_fc.weight"]),
-        "no_decay_lr_x0.1": sorted(p + n for n in ["report_decoder.lm.wpe.weight", "report_decoder.lm.c_fc.bias"]),
+        "decay": sorted(
+            p + n
+            for n in [
+                "vit.qkv.weight",
+                "text_encoder.query.weight",
+                "report_decoder.visual_proj.weight",
+            ]
+        ),
+        "no_decay": sorted(
+            p + n
+            for n in [
+                "vit.pos_embed",
+                "vit.cls_token",
+                "vit.leaf_queries",
+                "vit.qkv.bias",
+                "vit.norm.weight",
+                "vit.norm.bias",
+                "mae_decoder.mask_token",
+                "text_encoder.query.bias",
+                "text_encoder.position_embeddings.weight",
+                "report_decoder.visual_proj.bias",
+            ]
+        ),
+        "decay_lr_x0.1": sorted(
+            p + n for n in ["report_decoder.lm.wte.weight", "report_decoder.lm.c_fc.weight"]
+        ),
+        "no_decay_lr_x0.1": sorted(
+            p + n for n in ["report_decoder.lm.wpe.weight", "report_decoder.lm.c_fc.bias"]
+        ),
     }
     by_name = {g["name"]: g for g in groups}
-    assert by_name["decay"]["weight_decay"] == 0.05 and by_name["decay_lr_x0.1"]["weight_decay"] == 0.05
-    assert by_name["no_decay"]["weight_decay"] == 0.0 and by_name["no_decay_lr_x0.1"]["weight_decay"] == 0.0
+    assert (
+        by_name["decay"]["weight_decay"] == 0.05
+        and by_name["decay_lr_x0.1"]["weight_decay"] == 0.05
+    )
+    assert (
+        by_name["no_decay"]["weight_decay"] == 0.0
+        and by_name["no_decay_lr_x0.1"]["weight_decay"] == 0.0
+    )
     assert by_name["decay"]["lr_scale"] == 1.0 and by_name["no_decay"]["lr_scale"] == 1.0
-    assert by_name["decay_lr_x0.1"]["lr_scale"] == 0.1 and by_name["no_decay_lr_x0.1"]["lr_scale"] == 0.1
+    assert (
+        by_name["decay_lr_x0.1"]["lr_scale"] == 0.1
+        and by_name["no_decay_lr_x0.1"]["lr_scale"] == 0.1
+    )
     # the groups build an optimizer and the schedule scales the LM's lr
     opt = torch.optim.AdamW(groups, lr=1.0)
     adjust_learning_rate(opt, 2.0, BASE, MIN, 2.0, 10)
     assert {g["name"]: g["lr"] for g in opt.param_groups} == pytest.approx(
-        {"decay": BASE, "no_decay": BASE, "decay_lr_x0.1": BASE * 0.1, "no_decay_lr_x0.1": BASE * 0.1})
+        {
+            "decay": BASE,
+            "no_decay": BASE,
+            "decay_lr_x0.1": BASE * 0.1,
+            "no_decay_lr_x0.1": BASE * 0.1,
+        }
+    )
 
 
 def test_no_weight_decay_rules():
     w2, w1 = torch.zeros(2, 2), torch.zeros(2)
     assert no_weight_decay("blocks.0.norm1.weight", w1)
     assert no_weight_decay("embeddings.word_embeddings.bias", w1)
-    assert no_weight_decay("blocks.0.gamma", w2[0]) and not no_weight_decay("blocks.0.fc.weight", w2)
+    assert no_weight_decay("blocks.0.gamma", w2[0]) and not no_weight_decay(
+        "blocks.0.fc.weight", w2
+    )
     assert not no_weight_decay("encoder.layer.0.attention.self.query.weight", w2)
     assert not no_weight_decay("embeddings.token_type_embeddings.weight", w2)
     assert no_weight_decay("embeddings.position_embeddings.weight", w2)

@@ -10,7 +10,9 @@ def test_patchify_layout_and_roundtrip():
     x = patchify(imgs, 2)
     assert x.shape == (2, 4, 12)
     # patch 1 = rows 0-1, cols 2-3; pixel order (p, q, c)
-    expect = torch.stack([imgs[0, c, p, 2 + q] for p in range(2) for q in range(2) for c in range(3)])
+    expect = torch.stack(
+        [imgs[0, c, p, 2 + q] for p in range(2) for q in range(2) for c in range(3)]
+    )
     torch.testing.assert_close(x[0, 1], expect)
     torch.testing.assert_close(unpatchify(x, 2, (2, 2)), imgs)
 
@@ -36,7 +38,15 @@ def test_decoder_unshuffles_and_adds_positions():
 
 
 def test_loss_hand_computed():
-    dec = MAEDecoder((1, 2), patch_size=1, in_chans=2, embed_dim=4, decoder_dim=4, decoder_depth=1, decoder_heads=1)
+    dec = MAEDecoder(
+        (1, 2),
+        patch_size=1,
+        in_chans=2,
+        embed_dim=4,
+        decoder_dim=4,
+        decoder_depth=1,
+        decoder_heads=1,
+    )
     imgs = torch.tensor([[[[1.0, 2.0]], [[3.0, 5.0]]]])  # [1, 2, 1, 2]: patches (1, 3) and (2, 5)
     pred = torch.tensor([[[0.0, 3.0], [2.0, 1.0]]])
     mask = torch.tensor([[0.0, 1.0]])  # only patch 1 is masked
@@ -44,7 +54,8 @@ def test_loss_hand_computed():
     torch.testing.assert_close(dec.loss(imgs, pred, mask), torch.tensor(8.0))
     both = torch.ones(1, 2)  # patch 0: ((0-1)^2 + 0) / 2 = 0.5 -> mean (0.5 + 8) / 2
     torch.testing.assert_close(dec.loss(imgs, pred, both), torch.tensor(4.25))
-    dec.norm_pix_loss = True  # targets (x - mean) / sqrt(unbiased var + 1e-6): (-1, 1)/sqrt(2) and (-1.5, 1.5)/sqrt(4.5)
+    # targets (x - mean) / sqrt(unbiased var + 1e-6): (-1, 1)/sqrt(2) and (-1.5, 1.5)/sqrt(4.5)
+    dec.norm_pix_loss = True
     t1 = torch.tensor([-1.5, 1.5]) / (4.5 + 1e-6) ** 0.5
     expect = ((pred[0, 1] - t1) ** 2).mean()
     torch.testing.assert_close(dec.loss(imgs, pred, mask), expect)
@@ -64,9 +75,13 @@ def test_reconstruction_learns(one_thread):
     g = torch.Generator().manual_seed(1)
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32), indexing="ij")
     c = torch.rand(8, 2, 1, 1, generator=g) - 0.5
-    imgs = torch.exp(-((xx - c[:, 0]) ** 2 + (yy - c[:, 1]) ** 2) * 6)[:, None].expand(-1, 3, -1, -1)
+    imgs = torch.exp(-((xx - c[:, 0]) ** 2 + (yy - c[:, 1]) ** 2) * 6)[:, None].expand(
+        -1, 3, -1, -1
+    )
     vit = VisionTransformer(32, 8, 32, 2, 2, 2.0)
-    dec = MAEDecoder(vit.grid, 8, 3, 32, decoder_dim=32, decoder_depth=1, decoder_heads=2, mlp_ratio=2.0)
+    dec = MAEDecoder(
+        vit.grid, 8, 3, 32, decoder_dim=32, decoder_depth=1, decoder_heads=2, mlp_ratio=2.0
+    )
     opt = torch.optim.AdamW(list(vit.parameters()) + list(dec.parameters()), lr=2e-3)
     losses = []
     for _ in range(40):

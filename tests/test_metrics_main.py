@@ -8,17 +8,30 @@ import pytest
 
 from metrics import nlg
 from metrics.__main__ import main
-from metrics.reports import read_jsonl
 from metrics.clinical import clinical_efficacy
+from metrics.reports import read_jsonl
 from vocab.labeler import RuleLabeler
 
 ROOT = Path(__file__).resolve().parent.parent
 RECORDS = [
-    {"id": "a", "generated": "The heart is enlarged. No pleural effusion.", "reference": "Cardiomegaly. No effusion.",
-     "entities": ["cardiomegaly"], "anatomies": ["heart"]},
+    {
+        "id": "a",
+        "generated": "The heart is enlarged. No pleural effusion.",
+        "reference": "Cardiomegaly. No effusion.",
+        "entities": ["cardiomegaly"],
+        "anatomies": ["heart"],
+    },
     {"id": "b", "generated": "", "reference": "Small left pleural effusion."},
-    {"id": "c", "generated": "Right apical pneumothorax.", "reference": ["Right apical pneumothorax.", "Apical PTX."]},
-    {"id": 4, "generated": "Possible pneumonia at the left base.", "reference": "Left lower lobe pneumonia."},
+    {
+        "id": "c",
+        "generated": "Right apical pneumothorax.",
+        "reference": ["Right apical pneumothorax.", "Apical PTX."],
+    },
+    {
+        "id": 4,
+        "generated": "Possible pneumonia at the left base.",
+        "reference": "Left lower lobe pneumonia.",
+    },
 ]
 
 
@@ -31,11 +44,22 @@ def jsonl(tmp_path):
 
 def test_cli_prints_counts_and_tables_and_writes_json(jsonl, tmp_path, capsys):
     out_json = tmp_path / "scores.json"
-    result = main([str(jsonl), "--no-meteor", "--json", str(out_json), "--uncertain-as", "positive"])
+    result = main(
+        [str(jsonl), "--no-meteor", "--json", str(out_json), "--uncertain-as", "positive"]
+    )
     text = capsys.readouterr().out
-    assert "studies: 4" in text and "empty generations: 1" in text and "references per study: 2" in text
-    assert "BLEU_1" in text and "CIDEr" in text and "n/a" in text  # METEOR switched off -> n/a, not a number
-    assert "all 14 observations" in text and "example-based" in text and "uncertain as positive" in text
+    assert (
+        "studies: 4" in text
+        and "empty generations: 1" in text
+        and "references per study: 2" in text
+    )
+    # METEOR switched off -> n/a, not a number
+    assert "BLEU_1" in text and "CIDEr" in text and "n/a" in text
+    assert (
+        "all 14 observations" in text
+        and "example-based" in text
+        and "uncertain as positive" in text
+    )
     assert "time: language" in text
     saved = json.loads(out_json.read_text())
     assert saved["counts"]["studies"] == 4 and saved["language"]["METEOR"] is None
@@ -49,12 +73,20 @@ def test_cli_prints_counts_and_tables_and_writes_json(jsonl, tmp_path, capsys):
     lab = RuleLabeler()
     ce = clinical_efficacy(lab.label([r["generated"] for r in RECORDS]),
                            lab.label([g[0] for g in gts.values()]), "positive")
-    assert saved["clinical_efficacy"]["all"] == ce["all"] and result["clinical_efficacy"]["common"] == ce["common"]
+    assert (
+        saved["clinical_efficacy"]["all"] == ce["all"]
+        and result["clinical_efficacy"]["common"] == ce["common"]
+    )
 
 
 def test_module_entry_point_with_meteor(jsonl):
-    proc = subprocess.run([sys.executable, "-m", "metrics", str(jsonl)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "metrics", str(jsonl)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "Language (pycocoevalcap scorers" in proc.stdout and "Clinical efficacy" in proc.stdout
     values = proc.stdout.split("CIDEr")[1].splitlines()[1].split()

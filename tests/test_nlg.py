@@ -1,4 +1,5 @@
-"""Language metrics: equal to pycocoevalcap on the same inputs; hand-computed values; the no-Java path."""
+"""Language metrics: equal to pycocoevalcap on the same inputs; hand-computed values; the no-Java
+path."""
 import math
 import threading
 import warnings
@@ -38,15 +39,24 @@ REPORT_LINES = [
     "“Quoted” text and ‘single’ quotes, 10-15% decrease, PA and lateral views; Chest PA.",
 ]
 
-# PTBTokenizer's output on some of the lines above (pinned, so the pure-Python path is checked without Java).
+# PTBTokenizer's output on some of the lines above (pinned, so the pure-Python path is checked
+# without Java).
 PINNED = {
     REPORT_LINES[1]: "the heart is enlarged no pleural effusion or pneumothorax",
-    REPORT_LINES[5]: "the endotracheal tube terminates 4.5 cm above the carina ng tube in the stomach",
-    REPORT_LINES[8]: "old healed right rib fractures -lrb- 5th-7th ribs -rrb- median sternotomy wires are intact",
+    REPORT_LINES[
+        5
+    ]: "the endotracheal tube terminates 4.5 cm above the carina ng tube in the stomach",
+    REPORT_LINES[
+        8
+    ]: "old healed right rib fractures -lrb- 5th-7th ribs -rrb- median sternotomy wires are intact",
     REPORT_LINES[11]: "the xxxx are normal no xxxx of pneumothorax heart size normal.lungs clear",
     REPORT_LINES[12]: "dr. ___ was notified of the findings by telephone at 10:30 a.m. on ___",
-    REPORT_LINES[16]: "the patient 's lines/tubes are unchanged in position there 's no pneumothorax it is n't new",
-    REPORT_LINES[22]: "quoted text and single quotes 10-15 % decrease pa and lateral views chest pa.",
+    REPORT_LINES[
+        16
+    ]: "the patient 's lines/tubes are unchanged in position there 's no pneumothorax it is n't new",
+    REPORT_LINES[
+        22
+    ]: "quoted text and single quotes 10-15 % decrease pa and lateral views chest pa.",
 }
 
 
@@ -86,7 +96,8 @@ def _pycocoevalcap(gts, res) -> dict:
 
 @pytest.fixture(scope="module")
 def both():
-    """(ours with METEOR split over two JVMs, pycocoevalcap's) on the same inputs, computed side by side."""
+    """(ours with METEOR split over two JVMs, pycocoevalcap's) on the same inputs, computed side by
+    side."""
     gts, res = _pairs()
     ref: dict = {}
     worker = threading.Thread(target=lambda: ref.update(_pycocoevalcap(gts, res)))
@@ -106,8 +117,8 @@ def test_equal_to_pycocoevalcap(both):
 
 
 def test_known_values_hand_computed():
-    # hyp "a b c d" vs ref "a c d e f": unigram matches 3/4, bigram 1/3, no trigram; brevity penalty exp(1 - 5/4);
-    # LCS "a c d" = 3 -> P 3/4, R 3/5, ROUGE-L (beta 1.2) = 2.44 P R / (R + 1.44 P).
+    # hyp "a b c d" vs ref "a c d e f": unigram matches 3/4, bigram 1/3, no trigram; brevity penalty
+    # exp(1 - 5/4); LCS "a c d" = 3 -> P 3/4, R 3/5, ROUGE-L (beta 1.2) = 2.44 P R / (R + 1.44 P).
     out = score_nlg({"x": ["A c d e f."]}, {"x": ["a b c d"]}, use_java=False, meteor=False)
     bp = math.exp(1 - 5 / 4)
     assert out["BLEU_1"] == pytest.approx(0.75 * bp, abs=1e-6)
@@ -116,7 +127,8 @@ def test_known_values_hand_computed():
     p, r = 3 / 4, 3 / 5
     assert out["ROUGE_L"] == pytest.approx(2.44 * p * r / (r + 1.44 * p), abs=1e-9)
     assert out["METEOR"] is None
-    # Perfect generations over two studies sharing no n-gram: CIDEr-D 10 (its x10 scale), BLEU 1, ROUGE-L 1.
+    # Perfect generations over two studies sharing no n-gram: CIDEr-D 10 (its x10 scale), BLEU 1,
+    # ROUGE-L 1.
     gts = {"a": ["the heart is enlarged today"], "b": ["no pleural effusion or pneumothorax"]}
     out = score_nlg(gts, gts, use_java=False, meteor=False)
     assert out["CIDEr"] == pytest.approx(10.0, abs=1e-6)
@@ -140,12 +152,23 @@ def test_python_tokenizer_pinned_outputs():
 
 @needs_java
 def test_python_tokenizer_equals_java_ptb():
-    extra = ["No. 5 vs. the U.S.; e.g., 3.5cm and 10:30pm, x-ray +/- effusion", "'90s 1 1/2 cm ... pts' isn't",
-             "Cannot exclude pneumonia!! (see above) [1] {2} * ** & % $ # ## @home", ""]
-    lines = REPORT_LINES + extra  # in sequence: the lexer looks across lines ("L>R." before "The ...")
+    extra = [
+        "No. 5 vs. the U.S.; e.g., 3.5cm and 10:30pm, x-ray +/- effusion",
+        "'90s 1 1/2 cm ... pts' isn't",
+        "Cannot exclude pneumonia!! (see above) [1] {2} * ** & % $ # ## @home",
+        "",
+    ]
+    # in sequence: the lexer looks across lines ("L>R." before "The ...")
+    lines = REPORT_LINES + extra
     assert nlg.ptb_tokenize(lines, use_java=True) == nlg.ptb_tokenize(lines, use_java=False)
-    assert nlg.ptb_tokenize_java(["see R.", "The next", "see R.", "the next"])[::2] == ["see r", "see r."]
-    assert nlg.ptb_tokenize(["see R.", "The next", "see R.", "the next"], use_java=False)[::2] == ["see r", "see r."]
+    assert nlg.ptb_tokenize_java(["see R.", "The next", "see R.", "the next"])[::2] == [
+        "see r",
+        "see r.",
+    ]
+    assert nlg.ptb_tokenize(["see R.", "The next", "see R.", "the next"], use_java=False)[::2] == [
+        "see r",
+        "see r.",
+    ]
 
 
 def test_no_java_path(monkeypatch, both):
@@ -175,7 +198,8 @@ def test_input_checks():
         score_nlg({"a": ["x"]}, {"b": ["x"]}, use_java=False, meteor=False)
     with pytest.raises(ValueError, match="exactly one"):
         score_nlg({"a": ["x"]}, {"a": ["x", "y"]}, use_java=False, meteor=False)
-    out = score_nlg({"a": "the heart"}, {"a": "the heart"}, use_java=False, meteor=False)  # plain strings work
+    # plain strings work
+    out = score_nlg({"a": "the heart"}, {"a": "the heart"}, use_java=False, meteor=False)
     assert out["ROUGE_L"] == pytest.approx(1.0)
 
 
@@ -184,7 +208,9 @@ def test_details_per_report():
     gts = {"a": ["the heart is enlarged"], "b": ["no effusion"]}
     res = {"a": ["the heart is enlarged"], "b": ["small effusion"]}
     score_nlg(gts, res, use_java=False, meteor=False, details=details)
-    assert details["ids"] == ["a", "b"] and details["per_report"]["ROUGE_L"][0] == pytest.approx(1.0)
+    assert details["ids"] == ["a", "b"] and details["per_report"]["ROUGE_L"][0] == pytest.approx(
+        1.0
+    )
     assert details["tokenizer"].startswith("PTB rules")
 
 
@@ -198,8 +224,13 @@ def test_rouge_l_equals_pycocoevalcap_rouge_exactly():
         a = [rnd.choice(words) for _ in range(rnd.randint(0, 40))]
         b = [rnd.choice(words) for _ in range(rnd.randint(0, 40))]
         assert nlg.lcs_length(a, b) == my_lcs(a, b)
-    gts = {str(i): [" ".join(rnd.choice(words) for _ in range(rnd.randint(1, 30))) for _ in range(rnd.randint(1, 3))]
-           for i in range(50)}
+    gts = {
+        str(i): [
+            " ".join(rnd.choice(words) for _ in range(rnd.randint(1, 30)))
+            for _ in range(rnd.randint(1, 3))
+        ]
+        for i in range(50)
+    }
     res = {k: [" ".join(rnd.choice(words) for _ in range(rnd.randint(0, 30)))] for k in gts}
     ours, ours_each = nlg.rouge_l(gts, res)
     ref, ref_each = Rouge().compute_score(gts, res)

@@ -4,8 +4,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from engine.overlays import MEAN, STD, denormalize, jet, write_overlay_batch, write_overlays
 from vocab.anatomy_graph import AnatomyGraph
-from engine.overlays import (MEAN, STD, denormalize, jet, write_overlay_batch, write_overlays)
 
 GRAPH = AnatomyGraph.default()
 H, W = 40, 48
@@ -27,7 +27,8 @@ def test_denormalize_inverts_the_dataset_normalisation():
 def _study():
     image = np.tile(np.linspace(0, 1, W, dtype=np.float32), (H, 1))
     heat = torch.zeros(25, H, W)
-    heat[GRAPH.leaf_index["left costophrenic angle"], 30:, 36:] = 1.0  # patient's left = image's right
+    # patient's left = image's right
+    heat[GRAPH.leaf_index["left costophrenic angle"], 30:, 36:] = 1.0
     heat[GRAPH.leaf_index["spine"], :, 20:28] = 1.0
     report = "small effusion at the left costophrenic angle . no pneumothorax ."
     return image, heat, report
@@ -35,14 +36,33 @@ def _study():
 
 def test_write_overlays_files_json_and_pixels(tmp_path):
     image, heat, report = _study()
-    out = write_overlays(tmp_path, "p10/s5", image, report, ["Pleural Effusion"], ["spine"], heat, GRAPH,
-                         extra={"reference": "ref"})
+    out = write_overlays(
+        tmp_path,
+        "p10/s5",
+        image,
+        report,
+        ["Pleural Effusion"],
+        ["spine"],
+        heat,
+        GRAPH,
+        extra={"reference": "ref"},
+    )
     summary = json.loads((tmp_path / "p10_s5.json").read_text())
-    assert summary == {"id": "p10/s5", "report": report, "entities": ["Pleural Effusion"], "anatomies": ["spine"],
-                       "sentences": [{"text": "small effusion at the left costophrenic angle",
-                                      "anatomies": ["left costophrenic angle"], "heatmap": "p10_s5_s00.png"},
-                                     {"text": "no pneumothorax", "anatomies": [], "heatmap": "p10_s5_s01.png"}],
-                       "reference": "ref"}
+    assert summary == {
+        "id": "p10/s5",
+        "report": report,
+        "entities": ["Pleural Effusion"],
+        "anatomies": ["spine"],
+        "sentences": [
+            {
+                "text": "small effusion at the left costophrenic angle",
+                "anatomies": ["left costophrenic angle"],
+                "heatmap": "p10_s5_s00.png",
+            },
+            {"text": "no pneumothorax", "anatomies": [], "heatmap": "p10_s5_s01.png"},
+        ],
+        "reference": "ref",
+    }
     assert out["overlays"] == [str(tmp_path / "p10_s5_s00.png"), str(tmp_path / "p10_s5_s01.png")]
     first = np.asarray(Image.open(tmp_path / "p10_s5_s00.png").convert("RGB")).astype(int)
     assert first.shape[1] == 2 * W and first.shape[0] > H  # [image | overlay] + caption
@@ -68,9 +88,19 @@ def test_overlays_accept_tensor_images_and_small_heatmaps(tmp_path):
 def test_write_overlay_batch_from_evaluation_rows(tmp_path):
     image, heat, report = _study()
     x = ((torch.from_numpy(image) - MEAN) / STD).expand(3, -1, -1)
-    rows = [{"id": "a", "generated": report, "reference": "gt", "entities": [], "anatomies": ["spine"]},
-            {"id": "b", "generated": "heart normal .", "reference": "gt2", "entities": [], "anatomies": []}]
-    paths = write_overlay_batch(tmp_path, [(x, heat, rows[0]), (x, heat, rows[1])], list(GRAPH.leaf_names))
+    rows = [
+        {"id": "a", "generated": report, "reference": "gt", "entities": [], "anatomies": ["spine"]},
+        {
+            "id": "b",
+            "generated": "heart normal .",
+            "reference": "gt2",
+            "entities": [],
+            "anatomies": [],
+        },
+    ]
+    paths = write_overlay_batch(
+        tmp_path, [(x, heat, rows[0]), (x, heat, rows[1])], list(GRAPH.leaf_names)
+    )
     assert [p.split("/")[-1] for p in paths] == ["a_s00.png", "a_s01.png", "b_s00.png"]
     assert json.loads((tmp_path / "b.json").read_text())["reference"] == "gt2"
 

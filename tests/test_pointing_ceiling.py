@@ -20,14 +20,17 @@ def column(size, x0, x1):
 def test_one_patch_map_peaks_at_its_patch_centre():
     peaks = pointing_ceiling.patch_peaks(32, 8)                 # 4 x 4 grid
     assert peaks.shape == (16, 32, 32)
-    ys, xs = np.nonzero(peaks[4 + 2])                           # row 1, column 2: pixels 8..15 x 16..23
+    # row 1, column 2: pixels 8..15 x 16..23
+    ys, xs = np.nonzero(peaks[4 + 2])
     assert set(ys) <= {11, 12} and set(xs) <= {19, 20}
 
 
 def test_a_region_between_patch_centres_cannot_be_hit():
     peaks = pointing_ceiling.patch_peaks(32, 8)
-    assert pointing_ceiling.patch_scores(column(32, 11, 12), peaks).max() == 1.0    # through centres
-    assert pointing_ceiling.patch_scores(column(32, 15, 16), peaks).max() == 0.0    # on a patch boundary
+    # through centres
+    assert pointing_ceiling.patch_scores(column(32, 11, 12), peaks).max() == 1.0
+    # on a patch boundary
+    assert pointing_ceiling.patch_scores(column(32, 15, 16), peaks).max() == 0.0
 
 
 def save(path: Path, mask):
@@ -44,17 +47,23 @@ def test_ceiling_averages_per_leaf_and_skips_finding_and_empty_masks(tmp_path):
     per_study, _ = pointing_ceiling.ceilings(pointing_ceiling.leaf_patch_scores(tmp_path, 32, 8))
     assert per_study == {"a": 0.5, "b": 0.0}
     out = tmp_path / "ceiling.json"
-    pointing_ceiling.main(["--masks", str(tmp_path), "--size", "32", "--patch", "8", "--json", str(out)])
+    pointing_ceiling.main(
+        ["--masks", str(tmp_path), "--size", "32", "--patch", "8", "--json", str(out)]
+    )
     assert json.loads(out.read_text())["32px_patch8"]["mean_over_leaves"] == 0.25
 
 
 def test_fixed_ceiling_takes_one_patch_for_every_study(tmp_path):
-    """Leaf "a" lies on patch column 1 in one study and column 2 in the other: each study's best patch
-    hits (1.0), but no single patch hits both (0.5)."""
+    """Leaf "a" lies on patch column 1 in one study and column 2 in the other: each study's best
+    patch hits (1.0), but no single patch hits both (0.5)."""
     save(tmp_path / "s1" / "a.png", column(32, 11, 12))
     save(tmp_path / "s2" / "a.png", column(32, 19, 20))
-    per_study, fixed = pointing_ceiling.ceilings(pointing_ceiling.leaf_patch_scores(tmp_path, 32, 8))
+    per_study, fixed = pointing_ceiling.ceilings(
+        pointing_ceiling.leaf_patch_scores(tmp_path, 32, 8)
+    )
     assert per_study == {"a": 1.0} and fixed == {"a": 0.5}
     out = tmp_path / "ceiling.json"
-    pointing_ceiling.main(["--masks", str(tmp_path), "--size", "32", "--patch", "8", "--json", str(out)])
+    pointing_ceiling.main(
+        ["--masks", str(tmp_path), "--size", "32", "--patch", "8", "--json", str(out)]
+    )
     assert json.loads(out.read_text())["32px_patch8"]["fixed_mean_over_leaves"] == 0.5

@@ -48,7 +48,9 @@ def test_predict_images_with_a_stand_in_model(tmp_path):
     files = _image_files(tmp_path)
     model = StandIn().train()
     transform = build_transform(32, train=False)
-    rows = predict_images(model, files, transform, "cpu", tmp_path / "out", {"beam_size": 2}, batch_size=2)
+    rows = predict_images(
+        model, files, transform, "cpu", tmp_path / "out", {"beam_size": 2}, batch_size=2
+    )
     assert [r["id"] for r in rows] == ["cxr", "cxr_1", "rgb"]  # unique ids from file names
     assert [len(s[1]) for s in model.seen] == [2, 1] and model.seen[0][2] == {"beam_size": 2}
     assert not model.seen[0][3] and model.training  # eval during prediction, mode restored after
@@ -56,7 +58,8 @@ def test_predict_images_with_a_stand_in_model(tmp_path):
     for r in rows:
         saved = json.loads((tmp_path / "out" / f"{r['id']}.json").read_text())
         assert saved["entities"] == ["Cardiomegaly"] and saved["image_path"] == r["image_path"]
-        assert saved["sentences"][0]["anatomies"] == ["right atrium", "cavoatrial junction"]  # "heart"
+        # "heart"
+        assert saved["sentences"][0]["anatomies"] == ["right atrium", "cavoatrial junction"]
         assert Image.open(tmp_path / "out" / saved["sentences"][0]["heatmap"]).size[0] == 64
 
 
@@ -68,7 +71,9 @@ def test_predict_images_with_a_tiny_ssacl(tmp_path):
     cfg.data.image_size, cfg.data.eval_batch_size = 32, 2
     cfg.eval.update(beam_size=2, max_new_tokens=4)
     cfg.model.vit.update(patch_size=8, embed_dim=32, depth=1, num_heads=2)
-    cfg.model.text.update(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, vocab_size=200)
+    cfg.model.text.update(
+        hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, vocab_size=200
+    )
     for k in ("mae", "region"):
         cfg.model[k].update(decoder_dim=32, decoder_depth=1, decoder_heads=2)
     cfg.model.decoder.update(n_embd=32, n_layer=1, n_head=2, n_positions=256)

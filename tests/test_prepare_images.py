@@ -8,17 +8,21 @@ from PIL import Image
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "prepare_images.py"
 spec = importlib.util.spec_from_file_location("prepare_images", SCRIPT)
 prepare_images = importlib.util.module_from_spec(spec)
-sys.modules["prepare_images"] = prepare_images       # so that Pool workers can unpickle its functions
+# so that Pool workers can unpickle its functions
+sys.modules["prepare_images"] = prepare_images
 spec.loader.exec_module(prepare_images)
 
 
 def make_src(src: Path):
     (src / "p10" / "s1").mkdir(parents=True)
     grad = np.tile(np.linspace(0, 255, 200).astype(np.uint8), (100, 1))
-    Image.fromarray(grad).save(src / "a.png")                                           # L, 200x100
-    Image.fromarray(np.full((300, 120, 3), 90, np.uint8)).save(src / "p10" / "s1" / "b.jpg", quality=95)
+    Image.fromarray(grad).save(src / "a.png")  # L, 200x100
+    Image.fromarray(np.full((300, 120, 3), 90, np.uint8)).save(
+        src / "p10" / "s1" / "b.jpg", quality=95
+    )
     Image.fromarray(np.full((160, 160), 40000, np.uint16)).save(src / "deep.png")       # 16-bit
-    Image.fromarray(np.full((30, 40), 7, np.uint8)).save(src / "small.png")             # below --size
+    # below --size
+    Image.fromarray(np.full((30, 40), 7, np.uint8)).save(src / "small.png")
     (src / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     (src / "notes.txt").write_text("not an image")
 
@@ -31,11 +35,16 @@ def test_resize_resume_and_report(tmp_path, capsys):
     assert "4 resized" in out and "1 unreadable" in out and str(src / "bad.png") in out
     a = Image.open(dst / "a.png")
     assert a.size == (128, 64) and a.mode == "L"
-    assert np.asarray(a)[:, :10].mean() < 30 and np.asarray(a)[:, -10:].mean() > 225     # not flipped
+    # not flipped
+    assert np.asarray(a)[:, :10].mean() < 30 and np.asarray(a)[:, -10:].mean() > 225
     b = Image.open(dst / "p10" / "s1" / "b.jpg")
     assert b.size == (64, 160) and b.format == "JPEG" and abs(np.asarray(b).mean() - 90) < 3
     deep = Image.open(dst / "deep.png")
-    assert deep.mode.startswith("I") and deep.size == (64, 64) and abs(np.asarray(deep).mean() - 40000) < 2
+    assert (
+        deep.mode.startswith("I")
+        and deep.size == (64, 64)
+        and abs(np.asarray(deep).mean() - 40000) < 2
+    )
     assert (dst / "small.png").read_bytes() == (src / "small.png").read_bytes()
     assert not (dst / "bad.png").exists() and not (dst / "notes.txt").exists()
     assert not [p for p in dst.rglob("*") if ".tmp" in p.name]

@@ -16,15 +16,20 @@ VDIM = 24
 
 
 def byte_bpe(texts=REPORTS + PROMPTS, vocab_size=300):
-    """A tiny byte-level BPE with the project's special tokens (as datasets/tokenizer.py's train_bpe)."""
+    """A tiny byte-level BPE with the project's special tokens (as datasets/tokenizer.py's
+    train_bpe)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|bos|>", "<|pad|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|bos|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|endoftext|>",
-                                   pad_token="<|pad|>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|endoftext|>", pad_token="<|pad|>"
+    )
 
 
 def word_tokenizer(words=("a", "b")):
@@ -33,8 +38,9 @@ def word_tokenizer(words=("a", "b")):
     vocab.update({w: i + 3 for i, w in enumerate(words)})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<|pad|>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|endoftext|>",
-                                   pad_token="<|pad|>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|bos|>", eos_token="<|endoftext|>", pad_token="<|pad|>"
+    )
 
 
 def tiny_decoder(tokenizer=None, seed=0, max_report_tokens=100, lm=None):
@@ -78,7 +84,9 @@ def test_training_truncates_report_tokens(dec):
     short.visual_proj.load_state_dict(dec.visual_proj.state_dict())
     r_ids = [r[:4] for r in dec.encode(REPORTS)]
     logits, tgt = dec.teacher_forced(visual, mask, dec.encode(PROMPTS), r_ids)
-    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=IGNORE)
+    expected = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), tgt.flatten(), ignore_index=IGNORE
+    )
     assert torch.allclose(short(visual, mask, PROMPTS, REPORTS), expected, atol=1e-6)
     assert not torch.allclose(dec(visual, mask, PROMPTS, REPORTS), expected, atol=1e-3)
 
@@ -93,7 +101,9 @@ def test_masked_visual_tokens_have_no_influence(dec):
     assert dec.generate(noisy, mask, PROMPTS, max_new_tokens=6) == gen
     # and a masked token is the same as a token that is not there at all
     keep = mask[0]
-    alone = dec(visual[:1, keep], torch.ones(1, int(keep.sum()), dtype=torch.bool), PROMPTS[:1], REPORTS[:1])
+    alone = dec(
+        visual[:1, keep], torch.ones(1, int(keep.sum()), dtype=torch.bool), PROMPTS[:1], REPORTS[:1]
+    )
     assert torch.allclose(dec(visual[:1], mask[:1], PROMPTS[:1], REPORTS[:1]), alone, atol=1e-5)
     # switching a token on does change the output (the test above can fail)
     assert not torch.allclose(dec(noisy, torch.ones_like(mask), PROMPTS, REPORTS), loss)
@@ -120,8 +130,11 @@ def test_dropout_option():
     for p in (0.0, 0.1):
         torch.manual_seed(0)
         tok = byte_bpe()
-        dec = ReportDecoder(build_lm(None, tok, n_embd=32, n_layer=2, n_head=2, n_positions=128, dropout=p),
-                            tok, VDIM).train()
+        dec = ReportDecoder(
+            build_lm(None, tok, n_embd=32, n_layer=2, n_head=2, n_positions=128, dropout=p),
+            tok,
+            VDIM,
+        ).train()
         assert dec.lm.config.attn_pdrop == dec.lm.config.resid_pdrop == p
         with torch.no_grad():
             a, b = dec(visual, mask, PROMPTS, REPORTS), dec(visual, mask, PROMPTS, REPORTS)
@@ -136,7 +149,9 @@ def _teacher_forcing_matches_generation(dec):
     embeds, attn, pos = dec._inputs(visual, mask, rows, left_pad=True)
     steps = 8
     with torch.no_grad():
-        tokens, step_logits = dec.greedy_search(embeds, attn, pos, steps, min_new_tokens=steps, return_logits=True)
+        tokens, step_logits = dec.greedy_search(
+            embeds, attn, pos, steps, min_new_tokens=steps, return_logits=True
+        )
         logits, _ = dec.teacher_forced(visual, mask, dec.encode(prompts), tokens.tolist())
     for i, p in enumerate(dec.encode(prompts)):
         tf = logits[i, len(p):len(p) + steps]  # from the bos position on
@@ -151,10 +166,18 @@ def test_teacher_forcing_equals_generation_gpt2(dec):
 def llama_dec(tmp_path_factory):
     tokenizer = byte_bpe()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     path = tmp_path_factory.mktemp("llama")
     LlamaForCausalLM(config).save_pretrained(path)
     lm = build_lm(str(path), tokenizer)
@@ -177,7 +200,9 @@ def test_beam_one_equals_greedy(rep):
     with torch.no_grad():  # make eos likely so that hypotheses finish at different steps
         dec.lm.get_input_embeddings().weight[dec.eos_id] *= 8
     visual, mask = visual_inputs()
-    embeds, attn, pos = dec._inputs(visual, mask, [p + [dec.bos_id] for p in dec.encode(PROMPTS)], left_pad=True)
+    embeds, attn, pos = dec._inputs(
+        visual, mask, [p + [dec.bos_id] for p in dec.encode(PROMPTS)], left_pad=True
+    )
     with torch.no_grad():
         greedy, _ = dec.greedy_search(embeds, attn, pos, 12, repetition_penalty=rep)
         beam = dec.beam_search(embeds, attn, pos, 1, 12, repetition_penalty=rep)[0]
@@ -186,7 +211,8 @@ def test_beam_one_equals_greedy(rep):
 
 @pytest.mark.parametrize("length_penalty", [0.0, 1.0, 2.0])
 def test_wide_beam_finds_brute_force_optimum(length_penalty):
-    tok = word_tokenizer(("a", "b"))  # vocabulary of 5: beams wide enough to enumerate every sequence
+    # vocabulary of 5: beams wide enough to enumerate every sequence
+    tok = word_tokenizer(("a", "b"))
     dec = tiny_decoder(tok, seed=0)
     with torch.no_grad():  # a model whose greedy choice is not optimal for length_penalty > 0
         for p in dec.lm.parameters():
@@ -204,17 +230,24 @@ def test_wide_beam_finds_brute_force_optimum(length_penalty):
                                        prompt * len(seqs), report_ids)
         logp = logits.log_softmax(-1)
     start = len(prompt[0])
-    scores = {tuple(s): sum(logp[i, start + j, t].item() for j, t in enumerate(s)) / len(s) ** length_penalty
-              for i, s in enumerate(seqs)}
+    scores = {
+        tuple(s): sum(logp[i, start + j, t].item() for j, t in enumerate(s))
+        / len(s) ** length_penalty
+        for i, s in enumerate(seqs)
+    }
     embeds, attn, pos = dec._inputs(visual, mask, [prompt[0] + [dec.bos_id]], left_pad=True)
     with torch.no_grad():
-        best, best_score = dec.beam_search(embeds, attn, pos, V ** S, S, length_penalty=length_penalty)
+        best, best_score = dec.beam_search(
+            embeds, attn, pos, V**S, S, length_penalty=length_penalty
+        )
         greedy = dec.greedy_search(embeds, attn, pos, S)[0][0].tolist()
-    cut = lambda s: tuple(s[:s.index(dec.eos_id) + 1]) if dec.eos_id in s else tuple(s)  # noqa: E731
+    cut = lambda s: tuple(s[: s.index(dec.eos_id) + 1]) if dec.eos_id in s else tuple(s)  # noqa: E731
     best = best[0].tolist()
     assert scores[cut(best)] == pytest.approx(max(scores.values()), abs=1e-5)
-    assert best_score.item() == pytest.approx(scores[cut(best)], abs=1e-5)  # the beam's own score is right
-    if length_penalty > 0:  # beam search does better than greedy here (needs a correctly reordered cache)
+    # the beam's own score is right
+    assert best_score.item() == pytest.approx(scores[cut(best)], abs=1e-5)
+    # beam search does better than greedy here (needs a correctly reordered cache)
+    if length_penalty > 0:
         assert scores[cut(best)] > scores[cut(greedy)] + 1e-3
     assert scores[cut(best)] >= scores[cut(greedy)] - 1e-6
 
@@ -224,7 +257,10 @@ def test_batch_equals_single(dec, beam_size):
     visual, mask = visual_inputs()
     kw = dict(beam_size=beam_size, max_new_tokens=10, repetition_penalty=1.2, length_penalty=1.0)
     batch = dec.generate(visual, mask, PROMPTS, **kw)
-    single = [dec.generate(visual[i:i + 1], mask[i:i + 1], PROMPTS[i:i + 1], **kw)[0] for i in range(3)]
+    single = [
+        dec.generate(visual[i : i + 1], mask[i : i + 1], PROMPTS[i : i + 1], **kw)[0]
+        for i in range(3)
+    ]
     assert batch == single
     assert any(batch)
 
@@ -260,7 +296,8 @@ def test_repetition_penalty_hand_computed(dec):
     visual, mask = visual_inputs(B=1)
     embeds, attn, pos = d._inputs(visual, mask, [[d.bos_id]], left_pad=True)
     tokens = d.greedy_search(embeds, attn, pos, 4, repetition_penalty=1.5)[0][0].tolist()
-    # step 0: 100 (2.0); step 1: 100 -> 2/1.5=1.33 < 1.9 -> 101; step 2: 100 (1.33) > 101 (1.27) -> 100 ...
+    # step 0: 100 (2.0); step 1: 100 -> 2/1.5=1.33 < 1.9 -> 101; step 2: 100 (1.33) > 101 (1.27) ->
+    # 100 ...
     assert tokens == [100, 101, 100, 100]
     assert d.greedy_search(embeds, attn, pos, 4)[0][0].tolist() == [100] * 4
 
@@ -292,7 +329,9 @@ def test_build_from_config_lm_attribute():
     dec = build_report_decoder(_cfg_decoder(), byte_bpe(), VDIM)
     names = [n for n, _ in dec.named_parameters()]
     assert any(n.startswith("lm.") for n in names) and "visual_proj.weight" in names
-    assert dec.lm.config.n_embd == 32 and dec.lm.get_input_embeddings().num_embeddings == len(dec.tokenizer)
+    assert dec.lm.config.n_embd == 32 and dec.lm.get_input_embeddings().num_embeddings == len(
+        dec.tokenizer
+    )
 
 
 def test_freeze_trains_only_the_projection():
@@ -302,7 +341,9 @@ def test_freeze_trains_only_the_projection():
 
 
 def test_lora_trains_only_adapters():
-    dec = build_report_decoder(_cfg_decoder(lora={"enabled": True, "r": 4, "alpha": 8}), byte_bpe(), VDIM).train()
+    dec = build_report_decoder(
+        _cfg_decoder(lora={"enabled": True, "r": 4, "alpha": 8}), byte_bpe(), VDIM
+    ).train()
     lm_trainable = [n for n, p in dec.lm.named_parameters() if p.requires_grad]
     assert lm_trainable and all("lora_" in n for n in lm_trainable)
     before = {n: p.detach().clone() for n, p in dec.lm.named_parameters()}

@@ -1,53 +1,88 @@
 
 import pytest
 
-from vocab.report_text import clean_report, derive_anatomies, sentence_anatomies, split_sentences
 from vocab.anatomy_graph import AnatomyGraph
+from vocab.report_text import clean_report, derive_anatomies, sentence_anatomies, split_sentences
 
 GRAPH = AnatomyGraph.default()
 
 
-@pytest.mark.parametrize("raw, clean", [
-    ("The heart is normal.  No effusion!", "the heart is normal . no effusion ."),
-    ("FINDINGS: 1. Lungs are clear.\n2. No pneumothorax.", "findings lungs are clear . no pneumothorax ."),
-    ("PA and lateral ___ views; ___ heart (mildly) enlarged...", "pa and lateral views . heart mildly enlarged ."),
-    ("Nodule measures 1.5 cm, see above and/or post-operative - change.",
-     "nodule measures 1.5 cm see above and or post-operative change ."),
-    ("  ... \n ", ""),
-    ("1) NG tube in the stomach. 2) Lines and tubes unchanged", "ng tube in the stomach . lines and tubes unchanged ."),
-])
+@pytest.mark.parametrize(
+    "raw, clean",
+    [
+        ("The heart is normal.  No effusion!", "the heart is normal . no effusion ."),
+        (
+            "FINDINGS: 1. Lungs are clear.\n2. No pneumothorax.",
+            "findings lungs are clear . no pneumothorax .",
+        ),
+        (
+            "PA and lateral ___ views; ___ heart (mildly) enlarged...",
+            "pa and lateral views . heart mildly enlarged .",
+        ),
+        (
+            "Nodule measures 1.5 cm, see above and/or post-operative - change.",
+            "nodule measures 1.5 cm see above and or post-operative change .",
+        ),
+        ("  ... \n ", ""),
+        (
+            "1) NG tube in the stomach. 2) Lines and tubes unchanged",
+            "ng tube in the stomach . lines and tubes unchanged .",
+        ),
+    ],
+)
 def test_clean_report(raw, clean):
     assert clean_report(raw) == clean
     assert clean_report(clean) == clean  # idempotent
 
 
-@pytest.mark.parametrize("text, names", [
-    ("There is a right lower lobe opacity.", ["right lower lung zone"]),
-    ("Opacity in the right lower lung zone", ["right lower lung zone"]),
-    ("Bibasilar atelectasis.", ["right lower lung zone", "left lower lung zone"]),
-    ("Left base and right apex.", ["left lower lung zone", "right apical zone"]),
-    ("Blunting of the left costophrenic angle.", ["left costophrenic angle"]),
-    ("Clavicles are intact.", ["right clavicle", "left clavicle"]),
-    ("Elevated right hemidiaphragm. Right hilum is prominent.", ["right hemidiaphragm", "right hilar structures"]),
-    ("The heart size is normal.", ["cardiac silhouette"]),
-    ("Catheter tip at the cavoatrial junction. SVC. The aortic knob is calcified.",
-     ["cavoatrial junction", "superior vena cava", "aortic arch"]),
-    ("Widened mediastinum. Trachea midline, carina normal.", ["upper mediastinum", "trachea", "carina"]),
-    ("Degenerative changes of the spine. Free air in the abdomen.", ["spine", "abdomen"]),
-    ("No acute osseous abnormality.", []),
-])
+@pytest.mark.parametrize(
+    "text, names",
+    [
+        ("There is a right lower lobe opacity.", ["right lower lung zone"]),
+        ("Opacity in the right lower lung zone", ["right lower lung zone"]),
+        ("Bibasilar atelectasis.", ["right lower lung zone", "left lower lung zone"]),
+        ("Left base and right apex.", ["left lower lung zone", "right apical zone"]),
+        ("Blunting of the left costophrenic angle.", ["left costophrenic angle"]),
+        ("Clavicles are intact.", ["right clavicle", "left clavicle"]),
+        (
+            "Elevated right hemidiaphragm. Right hilum is prominent.",
+            ["right hemidiaphragm", "right hilar structures"],
+        ),
+        ("The heart size is normal.", ["cardiac silhouette"]),
+        (
+            "Catheter tip at the cavoatrial junction. SVC. The aortic knob is calcified.",
+            ["cavoatrial junction", "superior vena cava", "aortic arch"],
+        ),
+        (
+            "Widened mediastinum. Trachea midline, carina normal.",
+            ["upper mediastinum", "trachea", "carina"],
+        ),
+        ("Degenerative changes of the spine. Free air in the abdomen.", ["spine", "abdomen"]),
+        ("No acute osseous abnormality.", []),
+    ],
+)
 def test_derive_anatomies(text, names):
     assert derive_anatomies(text, GRAPH) == names
 
 
 def test_sentences_and_their_anatomies():
-    report = ("Small effusion at the left costophrenic angle. The heart is enlarged; no pneumothorax. "
-              "Right upper lobe opacity.")
-    assert split_sentences(report) == ["Small effusion at the left costophrenic angle", "The heart is enlarged",
-                                       "no pneumothorax", "Right upper lobe opacity"]
+    report = (
+        "Small effusion at the left costophrenic angle. The heart is enlarged; no pneumothorax. "
+        "Right upper lobe opacity."
+    )
+    assert split_sentences(report) == [
+        "Small effusion at the left costophrenic angle",
+        "The heart is enlarged",
+        "no pneumothorax",
+        "Right upper lobe opacity",
+    ]
     pairs = sentence_anatomies(report, GRAPH)
-    assert [p[1] for p in pairs] == [["left costophrenic angle"], ["right atrium", "cavoatrial junction"], [],
-                                     ["right upper lung zone"]]
+    assert [p[1] for p in pairs] == [
+        ["left costophrenic angle"],
+        ["right atrium", "cavoatrial junction"],
+        [],
+        ["right upper lung zone"],
+    ]
     cleaned = sentence_anatomies("the lungs are clear . bibasilar atelectasis .", GRAPH)
     assert cleaned[0][0] == "the lungs are clear"
     assert len(cleaned[0][1]) == 14  # both lungs -> all 14 lung leaves

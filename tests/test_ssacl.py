@@ -4,21 +4,37 @@ import torch
 
 from datasets.synthetic import render_study
 from datasets.tokenizer import train_bpe, train_wordpiece
-from vocab.anatomy_graph import AnatomyGraph
 from models.ssacl import SSACL
 from utils.config import load_config
 from utils.lr_sched import param_groups
+from vocab.anatomy_graph import AnatomyGraph
 from vocab.observations import CHEXPERT_OBSERVATIONS
 
 GRAPH = AnatomyGraph.default()
-TINY = ["data.image_size=32", "model.vit.patch_size=8", "model.vit.embed_dim=32", "model.vit.depth=2",
-        "model.vit.num_heads=2", "model.vit.mlp_ratio=2.0",
-        "model.text.hidden_size=32", "model.text.num_layers=1", "model.text.num_heads=2",
-        "model.text.intermediate_size=64", "model.text.max_length=48",
-        "model.mae.decoder_dim=32", "model.mae.decoder_depth=1", "model.mae.decoder_heads=2",
-        "model.region.decoder_dim=32", "model.region.decoder_depth=1", "model.region.decoder_heads=2",
-        "model.decoder.n_embd=32", "model.decoder.n_layer=1", "model.decoder.n_head=2",
-        "model.decoder.n_positions=256", "model.decoder.max_report_tokens=40"]
+TINY = [
+    "data.image_size=32",
+    "model.vit.patch_size=8",
+    "model.vit.embed_dim=32",
+    "model.vit.depth=2",
+    "model.vit.num_heads=2",
+    "model.vit.mlp_ratio=2.0",
+    "model.text.hidden_size=32",
+    "model.text.num_layers=1",
+    "model.text.num_heads=2",
+    "model.text.intermediate_size=64",
+    "model.text.max_length=48",
+    "model.mae.decoder_dim=32",
+    "model.mae.decoder_depth=1",
+    "model.mae.decoder_heads=2",
+    "model.region.decoder_dim=32",
+    "model.region.decoder_depth=1",
+    "model.region.decoder_heads=2",
+    "model.decoder.n_embd=32",
+    "model.decoder.n_layer=1",
+    "model.decoder.n_head=2",
+    "model.decoder.n_positions=256",
+    "model.decoder.max_report_tokens=40",
+]
 ALL = ("mae", "con", "region", "aca", "entity", "lm")
 
 
@@ -55,13 +71,16 @@ def tokenizers(batch):
 
 
 def build(tokenizers, seed=0, overrides=(), **weights):
-    cfg = load_config(overrides=TINY + list(overrides) + [f"loss.{k}={v}" for k, v in weights.items()])
+    cfg = load_config(
+        overrides=TINY + list(overrides) + [f"loss.{k}={v}" for k, v in weights.items()]
+    )
     torch.manual_seed(seed)
     return SSACL.from_config(cfg, *tokenizers)
 
 
 def test_all_losses_and_every_parameter_gets_a_gradient(tokenizers, batch):
-    model = build(tokenizers, overrides=["model.spatial_prior=true"])   # the prior's gradient included
+    # the prior's gradient included
+    model = build(tokenizers, overrides=["model.spatial_prior=true"])
     out = model(batch)
     assert set(out) == {"loss", *ALL}
     cfg = load_config()
@@ -77,15 +96,25 @@ def test_all_losses_and_every_parameter_gets_a_gradient(tokenizers, batch):
     groups = param_groups(model, 0.05, model.lr_scales(0.25))
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
-    assert no_decay >= {"vit.cls_token", "contrastive.logit_scale", "leaf_spatial_prior", "leaf_query_embed"}
+    assert no_decay >= {
+        "vit.cls_token",
+        "contrastive.logit_scale",
+        "leaf_spatial_prior",
+        "leaf_query_embed",
+    }
     lm = {names[id(p)] for g in groups if g["lr_scale"] == 0.25 for p in g["params"]}
     assert lm == {n for n in names.values() if n.startswith("report_decoder.lm.")}
 
 
 def test_zero_weight_terms_are_neither_built_nor_computed(tokenizers, batch):
     model = build(tokenizers, lm=0, entity=0, region=0)
-    assert model.report_decoder is None and model.entity_head is None and model.region_decoder is None
-    assert not any(n.startswith(("report_decoder", "entity_head", "region_decoder")) for n, _ in model.named_parameters())
+    assert (
+        model.report_decoder is None and model.entity_head is None and model.region_decoder is None
+    )
+    assert not any(
+        n.startswith(("report_decoder", "entity_head", "region_decoder"))
+        for n, _ in model.named_parameters()
+    )
     out = model(batch)
     assert set(out) == {"loss", "mae", "con", "aca"}
     out["loss"].backward()
@@ -107,7 +136,8 @@ def test_queries_and_passes(tokenizers, batch):
         nodes = model.node_queries(leaf)
         assert leaf.shape == (25, 32) and nodes.shape == (32, 32)
         torch.testing.assert_close(nodes, GRAPH.restore(leaf))
-        # leaf outputs of the 32-query pass are those of a 25-query pass (queries never see each other)
+        # leaf outputs of the 32-query pass are those of a 25-query pass (queries never see each
+        # other)
         a = model.vit(batch["image"], leaf)["queries"]
         b = model.vit(batch["image"], nodes)["queries"][:, model.leaf_node_index]
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
@@ -124,7 +154,8 @@ def test_teacher_forcing_prompt_and_visual_mask(tokenizers, batch, monkeypatch):
     model(batch)
     B = len(batch["id"])
     assert seen["visual"].shape == (B, 25 + 1 + 16, 32)
-    shown = batch["anatomies"] | ~batch["anatomies"].any(-1, keepdim=True)   # a normal study: every leaf
+    # a normal study: every leaf
+    shown = batch["anatomies"] | ~batch["anatomies"].any(-1, keepdim=True)
     assert torch.equal(seen["mask"][:, :25], shown) and seen["mask"][:, 25:].all()
     assert seen["reports"] == batch["report"]
     lab = batch["labels"]
@@ -147,7 +178,8 @@ def test_bf16_autocast(tokenizers, batch):
 
 def test_generate_and_heatmaps_from_the_image_only(tokenizers, batch):
     model = build(tokenizers).eval()
-    images_only = {"image": batch["image"][:3], "id": batch["id"][:3]}  # no report, labels or anatomies
+    # no report, labels or anatomies
+    images_only = {"image": batch["image"][:3], "id": batch["id"][:3]}
     rows = model.generate(images_only, beam_size=2, max_new_tokens=6)
     assert [r["id"] for r in rows] == batch["id"][:3]
     for r in rows:
@@ -183,7 +215,8 @@ def test_fifty_steps_on_a_fixed_batch_drive_every_loss_down(tokenizers, batch):
             hist[k].append(out[k].item())
     first = {k: np.mean(v[:5]) for k, v in hist.items()}
     last = {k: np.mean(v[-5:]) for k, v in hist.items()}
-    for k in ALL:  # seen: mae 1.16 -> 0.60, con 2.67 -> 0.49, region 0.16 -> 0.08, aca 1.55 -> 0.09,
+    # seen: mae 1.16 -> 0.60, con 2.67 -> 0.49, region 0.16 -> 0.08, aca 1.55 -> 0.09,
+    for k in ALL:
         # entity 1.34 -> 0.53, lm 5.79 -> 3.12
         assert last[k] < 0.8 * first[k], (k, first[k], last[k])
 
@@ -192,15 +225,21 @@ def test_batch_of_one(tokenizers, batch):
     model = build(tokenizers)
     one = {k: v[:1] for k, v in batch.items()}
     out = model(one)
-    assert torch.isfinite(out["loss"]) and out["con"].item() == pytest.approx(0.0, abs=1e-6)  # one candidate
+    # one candidate
+    assert torch.isfinite(out["loss"]) and out["con"].item() == pytest.approx(0.0, abs=1e-6)
     out["loss"].backward()
     model.eval()
     assert len(model.generate(one, beam_size=2, max_new_tokens=3)) == 1
     assert model.heatmaps(one["image"]).shape == (1, 25, 32, 32)
 
 
-def test_location_prior_steers_each_leaf_to_its_patch_and_travels_in_the_state_dict(tokenizers, batch):
-    model = build(tokenizers, overrides=["model.location_prior.enabled=true", "model.location_prior.gain=10.0"])
+def test_location_prior_steers_each_leaf_to_its_patch_and_travels_in_the_state_dict(
+    tokenizers, batch
+):
+    model = build(
+        tokenizers,
+        overrides=["model.location_prior.enabled=true", "model.location_prior.gain=10.0"],
+    )
     assert model.needs_location_prior
     K, L = GRAPH.num_leaves, model.vit.num_patches
     target = torch.arange(K) % L
@@ -210,7 +249,9 @@ def test_location_prior_steers_each_leaf_to_its_patch_and_travels_in_the_state_d
     assert not model.needs_location_prior
 
     def peaks(m):
-        attn = m.vit(batch["image"], m.leaf_queries(), return_attn=True, query_bias=m.query_bias())["attn"]
+        attn = m.vit(batch["image"], m.leaf_queries(), return_attn=True, query_bias=m.query_bias())[
+            "attn"
+        ]
         return attn.argmax(-1)
 
     with torch.no_grad():
@@ -220,15 +261,24 @@ def test_location_prior_steers_each_leaf_to_its_patch_and_travels_in_the_state_d
         peak = maps.flatten(-2).argmax(-1)
         assert ((peak // 32 // p) * g + (peak % 32) // p == target).all()
         plain = build(tokenizers)
-        assert (peaks(plain) == target).float().mean() < 0.5                   # not so without the prior
+        # not so without the prior
+        assert (peaks(plain) == target).float().mean() < 0.5
     rest = build(tokenizers, overrides=["model.location_prior.enabled=true", "loss.rest=1.0"])
     rest.location_prior.copy_(model.location_prior)
-    out = rest(batch)                                                           # every loss, all graph nodes
+    # every loss, all graph nodes
+    out = rest(batch)
     assert torch.isfinite(out["loss"]) and out["rest"] > 0
-    out["rest"].backward()                                                      # the leaf attention learns from it
-    assert rest.leaf_query_embed.grad.abs().sum() > 0 and rest.vit.blocks[-1].attn.qkv.weight.grad.abs().sum() > 0
+    # the leaf attention learns from it
+    out["rest"].backward()
+    assert (
+        rest.leaf_query_embed.grad.abs().sum() > 0
+        and rest.vit.blocks[-1].attn.qkv.weight.grad.abs().sum() > 0
+    )
     with pytest.raises(ValueError, match="'rest'"):
-        build(tokenizers, overrides=["loss.rest=1.0"])                          # needs the location prior
+        # needs the location prior
+        build(tokenizers, overrides=["loss.rest=1.0"])
     fresh = build(tokenizers, seed=1, overrides=["model.location_prior.enabled=true"])
     fresh.load_state_dict(model.state_dict())
-    assert not fresh.needs_location_prior and torch.equal(fresh.location_prior, model.location_prior)
+    assert not fresh.needs_location_prior and torch.equal(
+        fresh.location_prior, model.location_prior
+    )

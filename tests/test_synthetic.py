@@ -5,23 +5,34 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vocab.report_text import clean_report
 from datasets.synthetic import generate, leaf_file, main, render_study
 from datasets.synthetic_reports import BILATERAL, FINDINGS
 from vocab.anatomy_graph import AnatomyGraph
 from vocab.observations import CHEXPERT_OBSERVATIONS, OBSERVATION_INDEX
+from vocab.report_text import clean_report
 
 GRAPH = AnatomyGraph.default()
 RIGHT = set(GRAPH.leaves_under("right lung")) | {"right clavicle"}
 LEFT = set(GRAPH.leaves_under("left lung")) | {"left clavicle"}
-MENTION = {"opacity": "opacity", "consolidation": "consolidation", "nodule": "nodule",
-           "atelectasis": "atelectasis", "effusion": "pleural effusion", "pneumothorax": "pneumothorax",
-           "edema": "pulmonary edema", "cardiomegaly": ("cardiomegaly", "heart is enlarged"),
-           "fracture": "fracture", "support_device": ("catheter", "central line"),
-           "widened_mediastinum": ("widened", "widening"), "hilar_mass": "mass",
-           "endotracheal_tube": "endotracheal tube", "enteric_tube": ("enteric tube", "nasogastric tube"),
-           "vertebral_fracture": "compression fracture", "elevated_hemidiaphragm": ("elevated", "elevation"),
-           "aortic_calcification": "calci"}
+MENTION = {
+    "opacity": "opacity",
+    "consolidation": "consolidation",
+    "nodule": "nodule",
+    "atelectasis": "atelectasis",
+    "effusion": "pleural effusion",
+    "pneumothorax": "pneumothorax",
+    "edema": "pulmonary edema",
+    "cardiomegaly": ("cardiomegaly", "heart is enlarged"),
+    "fracture": "fracture",
+    "support_device": ("catheter", "central line"),
+    "widened_mediastinum": ("widened", "widening"),
+    "hilar_mass": "mass",
+    "endotracheal_tube": "endotracheal tube",
+    "enteric_tube": ("enteric tube", "nasogastric tube"),
+    "vertebral_fracture": "compression fracture",
+    "elevated_hemidiaphragm": ("elevated", "elevation"),
+    "aortic_calcification": "calci",
+}
 SIZE = 96
 
 
@@ -56,7 +67,8 @@ def test_masks_regions_and_laterality(studies):
             assert m.shape == (SIZE, SIZE) and m.sum() > 0
             assert (m & s["regions"][f["anatomy"]]).sum() >= 0.8 * m.sum(), f
             cx = np.nonzero(m)[1].mean()
-            if f["anatomy"] in RIGHT:                                # patient's right = image's left
+            # patient's right = image's left
+            if f["anatomy"] in RIGHT:
                 assert cx < SIZE / 2, f
             if f["anatomy"] in LEFT:
                 assert cx > SIZE / 2, f
@@ -77,28 +89,50 @@ def test_findings_are_visible(studies):
             hit |= f["mask"]
         clear = lungs & ~hit
         for f in s["findings"]:
-            if f["type"] in ("opacity", "consolidation", "nodule", "atelectasis", "effusion", "edema", "hilar_mass"):
+            if f["type"] in (
+                "opacity",
+                "consolidation",
+                "nodule",
+                "atelectasis",
+                "effusion",
+                "edema",
+                "hilar_mass",
+            ):
                 assert img[f["mask"]].mean() > img[clear].mean() + 20, f["type"]
             if f["type"] == "pneumothorax":
                 assert img[f["mask"]].mean() < img[clear].mean(), f["type"]
 
 
 def test_devices_and_bony_findings_are_visible(studies):
-    """Tubes, a compressed vertebra, a calcified knob, a hilar mass: brighter than the same leaf region in
-    normal studies; an elevated hemidiaphragm lies above the other side's."""
+    """Tubes, a compressed vertebra, a calcified knob, a hilar mass: brighter than the same leaf
+    region in normal studies; an elevated hemidiaphragm lies above the other side's."""
     normal = [s for s in studies if not s["findings"]]
-    for t in ("endotracheal_tube", "enteric_tube", "vertebral_fracture", "aortic_calcification", "hilar_mass"):
+    for t in (
+        "endotracheal_tube",
+        "enteric_tube",
+        "vertebral_fracture",
+        "aortic_calcification",
+        "hilar_mass",
+    ):
         hits = [(s, f) for s in studies for f in s["findings"] if f["type"] == t]
         assert hits, t
         # 90th percentile: a thin tube fills a small part of its tip's disc
         inside = np.mean([np.percentile(s["image"][f["mask"]], 90) for s, f in hits])
-        usual = np.mean([np.percentile(n["image"][n["regions"][f["anatomy"]]], 90) for _, f in hits for n in normal])
+        usual = np.mean(
+            [
+                np.percentile(n["image"][n["regions"][f["anatomy"]]], 90)
+                for _, f in hits
+                for n in normal
+            ]
+        )
         assert inside > usual + 15, (t, inside, usual)
     for s in studies:
         for f in s["findings"]:
             if f["type"] == "elevated_hemidiaphragm":
                 other = ("left" if f["anatomy"].startswith("right") else "right") + " hemidiaphragm"
-                assert np.nonzero(f["mask"])[0].mean() < np.nonzero(s["regions"][other])[0].mean() - 2
+                assert (
+                    np.nonzero(f["mask"])[0].mean() < np.nonzero(s["regions"][other])[0].mean() - 2
+                )
 
 
 def test_report_mentions_findings_and_labels(studies):
@@ -118,7 +152,8 @@ def test_report_mentions_findings_and_labels(studies):
             assert word not in report
         pos = {CHEXPERT_OBSERVATIONS[i] for i, v in enumerate(s["labels"]) if v == 1}
         expected = {FINDINGS[t][0] for t in types} - {None}
-        if expected <= {"Support Devices"}:                            # devices and unlabelled findings only
+        # devices and unlabelled findings only
+        if expected <= {"Support Devices"}:
             expected.add("No Finding")
         assert pos == expected, (report, pos)
         assert all(v in (None, 0.0, 1.0) for v in s["labels"]) and len(s["labels"]) == 14
@@ -129,7 +164,8 @@ def test_report_mentions_findings_and_labels(studies):
             assert {f["anatomy"] for f in s["findings"]} <= set(s["anatomies"])
             if "cardiomegaly" in types:
                 assert {"right atrium", "cavoatrial junction"} <= set(s["anatomies"])
-            if any(f["anatomy"] == "carina" for f in s["findings"]):    # a low tube runs through the trachea
+            # a low tube runs through the trachea
+            if any(f["anatomy"] == "carina" for f in s["findings"]):
                 assert "trachea" in s["anatomies"]
 
 

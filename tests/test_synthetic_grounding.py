@@ -31,11 +31,18 @@ def test_synthetic_grounding_by_hand(tmp_path):
     # leaf a over the corner: inside all 0 (var 0), outside 60 values, one 1.0: the map avoids it
     cnr_a = -(out.mean()) / np.sqrt(out.var())
     assert rows[0]["cnr"] == [pytest.approx(cnr_b), pytest.approx(cnr_a)] and cnr_a < 0
-    assert rows[0]["pointing_tol"] == {"a": 1.0, "b": 0.0}      # b's peak is 5.7 px away; tolerance 15*8/224
+    # b's peak is 5.7 px away; tolerance 15*8/224
+    assert rows[0]["pointing_tol"] == {"a": 1.0, "b": 0.0}
     summary = summarize_grounding(rows + [{"pointing": {"a": 0.0}}])
     assert summary.pop("pointing_game_by_leaf") == pytest.approx({"a": 0.5, "b": 0.0})
-    assert summary == pytest.approx({"pointing_game": 1 / 3, "pointing_game_tol15": 0.5, "pointing_game_findings": 0.5,
-                                     "cnr": (cnr_a + cnr_b) / 2})
+    assert summary == pytest.approx(
+        {
+            "pointing_game": 1 / 3,
+            "pointing_game_tol15": 0.5,
+            "pointing_game_findings": 0.5,
+            "cnr": (cnr_a + cnr_b) / 2,
+        }
+    )
     # masks are resized (nearest) to the heatmap
     small = torch.zeros(1, 2, 4, 4)
     small[0, 0, 1, 1] = 1.0  # the 4x4 mask (nearest) is True at [1, 1] only

@@ -50,7 +50,8 @@ def test_every_template_of_every_finding(t):
     got = RuleLabeler().label(texts)
     for text, w, g in zip(texts, want, got):
         assert positives(g) == positives(w), text
-        for j, v in enumerate(w):                       # what the generator negates is read as negative
+        # what the generator negates is read as negative
+        for j, v in enumerate(w):
             if v == 0:
                 assert g[j] == 0, (CHEXPERT_OBSERVATIONS[j], text)
 
@@ -62,4 +63,7 @@ def test_normal_and_random_studies():
         assert positives(g) == positives(s["labels"]), s["report"]
     normal = [g for s, g in zip(studies, got) if not s["findings"]]
     assert normal and all(g[OBSERVATION_INDEX["No Finding"]] == 1 for g in normal)
-    assert all(np.isnan(g[OBSERVATION_INDEX["Fracture"]]) or g[OBSERVATION_INDEX["Fracture"]] != 1 for g in normal)
+    assert all(
+        np.isnan(g[OBSERVATION_INDEX["Fracture"]]) or g[OBSERVATION_INDEX["Fracture"]] != 1
+        for g in normal
+    )

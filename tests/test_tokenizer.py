@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from vocab.report_text import clean_report
 from datasets.tokenizer import build_tokenizers, load_tokenizer, train_bpe, train_wordpiece
 from utils.config import load_config
+from vocab.report_text import clean_report
 
 REPORTS = [clean_report(t) for t in [
     "The heart size is normal. No pleural effusion or pneumothorax.",
@@ -19,7 +19,13 @@ def test_wordpiece_train_save_reload(tmp_path):
     tok = train_wordpiece(REPORTS, 200, tmp_path / "wp")
     ids = tok("The heart size is normal .")["input_ids"]
     assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
-    assert (tok.pad_token_id, tok.unk_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id) == (0, 1, 2, 3, 4)
+    assert (
+        tok.pad_token_id,
+        tok.unk_token_id,
+        tok.cls_token_id,
+        tok.sep_token_id,
+        tok.mask_token_id,
+    ) == (0, 1, 2, 3, 4)
     assert tok.convert_ids_to_tokens(ids[1:3]) == ["the", "heart"]          # lower-cased
     again = load_tokenizer(tmp_path / "wp")
     assert again(REPORTS[1])["input_ids"] == tok(REPORTS[1])["input_ids"]
@@ -36,7 +42,8 @@ def test_bpe_train_save_reload_round_trip(tmp_path):
     for text in REPORTS[:5] + ["an unseen word: zebra 12%"]:
         ids = again(text)["input_ids"]
         assert ids == tok(text)["input_ids"] and tok.bos_token_id not in ids   # no specials added
-        assert again.decode(ids) == text                                        # byte level: lossless
+        # byte level: lossless
+        assert again.decode(ids) == text
     assert len(again(REPORTS[0])["input_ids"]) < len(REPORTS[0].split()) * 2   # merges were learnt
 
 
@@ -65,8 +72,12 @@ def test_build_tokenizers_trains_saves_and_reuses(tmp_path):
     t2, d2 = build_tokenizers(cfg, ["something else entirely"], tmp_path / "run")
     assert t2.get_vocab() == text_tok.get_vocab() and d2.get_vocab() == dec_tok.get_vocab()
     # configured folders are loaded (and copied into the new run)
-    cfg = load_config(overrides=[f"model.text.tokenizer={tmp_path / 'run' / 'text_tokenizer'}",
-                                 f"model.decoder.tokenizer={tmp_path / 'run' / 'decoder_tokenizer'}"])
+    cfg = load_config(
+        overrides=[
+            f"model.text.tokenizer={tmp_path / 'run' / 'text_tokenizer'}",
+            f"model.decoder.tokenizer={tmp_path / 'run' / 'decoder_tokenizer'}",
+        ]
+    )
     t3, d3 = build_tokenizers(cfg, ["other"], tmp_path / "run2")
     assert t3.get_vocab() == text_tok.get_vocab() and d3.get_vocab() == dec_tok.get_vocab()
     assert (tmp_path / "run2" / "decoder_tokenizer" / "tokenizer.json").is_file()

@@ -1,4 +1,5 @@
-"""engine/train.py with a test-double model (the engine only sees model(batch) -> dict of losses)."""
+"""engine/train.py with a test-double model (the engine only sees model(batch) -> dict of
+losses)."""
 import contextlib
 import json
 import math
@@ -34,7 +35,9 @@ class Regression(nn.Module):
 
     def forward(self, batch):
         self.seen_ids += list(batch["id"])
-        self.autocast_dtypes.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        self.autocast_dtypes.append(
+            torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        )
         pred = self.report_decoder.lm(self.lin(batch["image"])).squeeze(-1)
         mse = ((pred.float() - batch["target"]) ** 2).mean()
         if any("nan" in i for i in batch["id"]):
@@ -46,19 +49,29 @@ def make_data(n=N, nan_ids=()):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(n, D, generator=g)
     y = x @ W_TRUE
-    return [{"image": x[i], "target": y[i], "id": f"s{i}" + ("nan" if i in nan_ids else ""), "index": i}
-            for i in range(n)]
+    return [
+        {"image": x[i], "target": y[i], "id": f"s{i}" + ("nan" if i in nan_ids else ""), "index": i}
+        for i in range(n)
+    ]
 
 
 def collate(items):
-    out = {"image": torch.stack([i["image"] for i in items]), "target": torch.stack([i["target"] for i in items]),
-           "id": [i["id"] for i in items], "index": torch.tensor([i["index"] for i in items])}
+    out = {
+        "image": torch.stack([i["image"] for i in items]),
+        "target": torch.stack([i["target"] for i in items]),
+        "id": [i["id"] for i in items],
+        "index": torch.tensor([i["index"] for i in items]),
+    }
     return out
 
 
 def make_loader(data, batch_size=4, shuffle=False):
-    sampler = ResumableSampler(data, num_replicas=1, rank=0, shuffle=shuffle, seed=0, drop_last=True)
-    return DataLoader(data, batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=True)
+    sampler = ResumableSampler(
+        data, num_replicas=1, rank=0, shuffle=shuffle, seed=0, drop_last=True
+    )
+    return DataLoader(
+        data, batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=True
+    )
 
 
 def make_cfg(*sets):
@@ -95,7 +108,14 @@ def test_loss_decreases_and_logs_every_term():
     steps = [s for s, _ in tb.scalars]
     assert steps == list(range(1, 33))  # one entry per optimizer step, global step as x axis
     tags = tb.scalars[-1][1]
-    for tag in ("train/loss", "train/mse", "train/size", "train/lr", "train/grad_norm", "train/samples_per_s"):
+    for tag in (
+        "train/loss",
+        "train/mse",
+        "train/size",
+        "train/lr",
+        "train/grad_norm",
+        "train/samples_per_s",
+    ):
         assert tag in tags and math.isfinite(tags[tag])
 
 
@@ -104,7 +124,9 @@ def test_accumulation_equals_one_big_batch():
     data = make_data()
     a, b = Regression(), Regression()
     train_one_epoch(a, make_loader(data, 8), sgd(a), scaler(), 0, make_cfg(), "cpu")
-    out = train_one_epoch(b, make_loader(data, 4), sgd(b), scaler(), 0, make_cfg("optim.accum_iter=2"), "cpu")
+    out = train_one_epoch(
+        b, make_loader(data, 4), sgd(b), scaler(), 0, make_cfg("optim.accum_iter=2"), "cpu"
+    )
     assert out["steps_per_epoch"] == 4
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
@@ -137,7 +159,15 @@ class FakeDDP(nn.Module):
 
 def test_no_sync_on_all_but_the_last_micro_step():
     ddp = FakeDDP(Regression())
-    train_one_epoch(ddp, make_loader(make_data(24), 4), sgd(ddp), scaler(), 0, make_cfg("optim.accum_iter=3"), "cpu")
+    train_one_epoch(
+        ddp,
+        make_loader(make_data(24), 4),
+        sgd(ddp),
+        scaler(),
+        0,
+        make_cfg("optim.accum_iter=3"),
+        "cpu",
+    )
     assert ddp.calls == [True, True, False] * 2
 
 
@@ -147,8 +177,17 @@ def test_per_iteration_lr_schedule_and_lm_scale():
     opt, tb = sgd(model, lr_scale=0.1), Recorder()
     lrs = []
     for epoch in range(2):
-        train_one_epoch(model, make_loader(make_data()), opt, scaler(), epoch, cfg, "cpu", tb=tb,
-                        on_step=lambda e, i, s: lrs.append({g["name"]: g["lr"] for g in opt.param_groups}))
+        train_one_epoch(
+            model,
+            make_loader(make_data()),
+            opt,
+            scaler(),
+            epoch,
+            cfg,
+            "cpu",
+            tb=tb,
+            on_step=lambda e, i, s: lrs.append({g["name"]: g["lr"] for g in opt.param_groups}),
+        )
     # 8 batches per epoch: step k (0-based batch it) uses lr_at(epoch + it / 8)
     expected = [lr_at(e + it / 8, 0.1, 0.0, 1, 3) for e in range(2) for it in range(8)]
     got = [g["decay"] for g in lrs]
@@ -162,9 +201,12 @@ def test_clipping_bounds_the_update_and_logs_the_norm():
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     data = [dict(d, target=d["target"] * 100) for d in make_data(4)]
-    train_one_epoch(model, make_loader(data), opt, scaler(), 0, make_cfg("optim.clip_grad=0.001"), "cpu", tb=tb)
+    train_one_epoch(
+        model, make_loader(data), opt, scaler(), 0, make_cfg("optim.clip_grad=0.001"), "cpu", tb=tb
+    )
     delta = torch.sqrt(sum(((p - q) ** 2).sum() for p, q in zip(model.parameters(), before)))
-    assert delta.item() == pytest.approx(0.05 * 0.001, rel=1e-3)  # SGD: update = lr x clipped gradient
+    # SGD: update = lr x clipped gradient
+    assert delta.item() == pytest.approx(0.05 * 0.001, rel=1e-3)
     assert tb.scalars[0][1]["train/grad_norm"] > 1.0  # the norm before clipping is logged
 
 
@@ -173,9 +215,17 @@ def test_nonfinite_skip_counts_and_leaves_params():
     data = make_data(8, nan_ids=(5,))  # batch 1 (ids 4-7) is non-finite
     opt = sgd(model)
     snapshots = []
-    out = train_one_epoch(model, make_loader(data), opt, scaler(), 0, make_cfg(), "cpu",
-                          on_step=lambda e, i, s: snapshots.append(model.lin.weight.detach().clone()),
-                          print_fn=lambda *a: None)
+    out = train_one_epoch(
+        model,
+        make_loader(data),
+        opt,
+        scaler(),
+        0,
+        make_cfg(),
+        "cpu",
+        on_step=lambda e, i, s: snapshots.append(model.lin.weight.detach().clone()),
+        print_fn=lambda *a: None,
+    )
     assert out["nonfinite"] == 1
     torch.testing.assert_close(snapshots[0], snapshots[1])  # the bad step changed nothing
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -185,23 +235,49 @@ def test_nonfinite_stop_names_step_and_ids():
     model = Regression()
     data = make_data(16, nan_ids=(9,))
     with pytest.raises(FloatingPointError, match=r"global step 11 .*s8.*s9nan"):
-        train_one_epoch(model, make_loader(data), sgd(model), scaler(), 2, make_cfg("train.nonfinite=stop"), "cpu")
+        train_one_epoch(
+            model,
+            make_loader(data),
+            sgd(model),
+            scaler(),
+            2,
+            make_cfg("train.nonfinite=stop"),
+            "cpu",
+        )
 
 
 def test_too_many_nonfinite_steps_stop():
     model = Regression()
     data = make_data(16, nan_ids=(0, 4, 8))
     with pytest.raises(FloatingPointError, match="3 non-finite steps"):
-        train_one_epoch(model, make_loader(data), sgd(model), scaler(), 0, make_cfg("train.max_nonfinite=2"),
-                        "cpu", print_fn=lambda *a: None)
+        train_one_epoch(
+            model,
+            make_loader(data),
+            sgd(model),
+            scaler(),
+            0,
+            make_cfg("train.max_nonfinite=2"),
+            "cpu",
+            print_fn=lambda *a: None,
+        )
 
 
 def test_start_step_skips_batches_deterministically():
     data = make_data()
     full, resumed = Regression(), Regression()
-    train_one_epoch(full, make_loader(data, shuffle=True), sgd(full), scaler(), 3, make_cfg(), "cpu")
-    out = train_one_epoch(resumed, make_loader(data, shuffle=True), sgd(resumed), scaler(), 3, make_cfg(), "cpu",
-                          start_step=5)
+    train_one_epoch(
+        full, make_loader(data, shuffle=True), sgd(full), scaler(), 3, make_cfg(), "cpu"
+    )
+    out = train_one_epoch(
+        resumed,
+        make_loader(data, shuffle=True),
+        sgd(resumed),
+        scaler(),
+        3,
+        make_cfg(),
+        "cpu",
+        start_step=5,
+    )
     assert resumed.seen_ids == full.seen_ids[5 * 4:]
     assert out["global_step"] == 4 * 8
     # the next epoch on the same loader is whole again
@@ -216,7 +292,8 @@ def test_start_step_skips_batches_deterministically():
 
 
 class Unreadable(list):
-    """Items listed in ``bad`` are unreadable (None, as datasets/cxr.py returns with data.skip_bad)."""
+    """Items listed in ``bad`` are unreadable (None, as datasets/cxr.py returns with
+    data.skip_bad)."""
 
     def __init__(self, items, bad):
         super().__init__(items)
@@ -239,12 +316,22 @@ def collate_skip(items):
 
 def test_empty_batches_drop_their_step_and_bad_inputs_are_reported():
     model = Regression()
-    data = Unreadable(make_data(16), bad=(1, 4, 5, 6, 7))  # batch 1 (ids 4-7) is entirely unreadable
+    # batch 1 (ids 4-7) is entirely unreadable
+    data = Unreadable(make_data(16), bad=(1, 4, 5, 6, 7))
     sampler = ResumableSampler(data, num_replicas=1, rank=0, shuffle=False, drop_last=True)
     loader = DataLoader(data, batch_size=4, sampler=sampler, collate_fn=collate_skip)
     steps = []
-    out = train_one_epoch(model, loader, sgd(model), scaler(), 0, make_cfg("data.skip_bad=true"), "cpu",
-                          on_step=lambda e, i, s: steps.append(s), print_fn=lambda *a: None)
+    out = train_one_epoch(
+        model,
+        loader,
+        sgd(model),
+        scaler(),
+        0,
+        make_cfg("data.skip_bad=true"),
+        "cpu",
+        on_step=lambda e, i, s: steps.append(s),
+        print_fn=lambda *a: None,
+    )
     assert steps == [1, 2, 3, 4] and out["dropped_steps"] == 1
     assert model.seen_ids == ["s0", "s2", "s3"] + [f"s{i}" for i in range(8, 16)]
     assert out["bad_unreadable_image"] == 5 and out["bad_missing_image"] == 1
@@ -255,7 +342,9 @@ def test_empty_batches_drop_their_step_and_bad_inputs_are_reported():
 
 def test_autocast_dtype_follows_train_amp():
     model = Regression()
-    train_one_epoch(model, make_loader(make_data(8)), sgd(model), scaler(), 0, make_cfg("train.amp=bf16"), "cpu")
+    train_one_epoch(
+        model, make_loader(make_data(8)), sgd(model), scaler(), 0, make_cfg("train.amp=bf16"), "cpu"
+    )
     assert model.autocast_dtypes == [torch.bfloat16, torch.bfloat16]
     model = Regression()
     train_one_epoch(model, make_loader(make_data(8)), sgd(model), scaler(), 0, make_cfg(), "cpu")
@@ -267,9 +356,12 @@ def test_fp16_uses_the_grad_scaler():
     cfg = make_cfg("train.amp=fp16")
     scaler16 = make_scaler(resolve_amp("fp16", "cpu"), "cpu")
     assert scaler16.is_enabled()
-    out = train_one_epoch(model, make_loader(make_data()), sgd(model), scaler16, 0, cfg, "cpu", tb=tb)
+    out = train_one_epoch(
+        model, make_loader(make_data()), sgd(model), scaler16, 0, cfg, "cpu", tb=tb
+    )
     assert model.autocast_dtypes[0] == torch.float16
-    assert 0 < tb.scalars[-1][1]["train/loss_scale"] <= 65536.0  # logged (halved on overflowing steps)
+    # logged (halved on overflowing steps)
+    assert 0 < tb.scalars[-1][1]["train/loss_scale"] <= 65536.0
     assert math.isfinite(out["loss"]) and all(torch.isfinite(p).all() for p in model.parameters())
     assert not make_scaler(resolve_amp("auto", "cpu"), "cpu").is_enabled()
 
@@ -284,7 +376,16 @@ def test_two_ranks_match_one_process(tmp_path):
     sets = [f"model.text.tokenizer={tmp_path / 'tok' / 'text_tokenizer'}",
             f"model.decoder.tokenizer={tmp_path / 'tok' / 'decoder_tokenizer'}"]
     worker = ("-m", "tests.helpers.ddp_worker")
-    python(*worker, "--config", cfg_path, "--out", tmp_path / "one.pt", "--set", *sets, "data.batch_size=8")
+    python(
+        *worker,
+        "--config",
+        cfg_path,
+        "--out",
+        tmp_path / "one.pt",
+        "--set",
+        *sets,
+        "data.batch_size=8",
+    )
     torchrun(2, *worker, "--config", cfg_path, "--out", tmp_path / "two.pt", "--eval-split", "test",
              "--set", *sets, "data.batch_size=4")
 
@@ -298,11 +399,14 @@ def test_two_ranks_match_one_process(tmp_path):
         torch.testing.assert_close(p2, p1, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
         moved += int(not torch.equal(p1, one["init"][name]))
     assert moved > 0.9 * len(one["params"])  # the steps changed the parameters
-    assert one["params"]["location_prior"].any()  # estimated, identically on 1 and 2 ranks (compared above)
+    # estimated, identically on 1 and 2 ranks (compared above)
+    assert one["params"]["location_prior"].any()
     for k in ("loss", "mae", "con", "region", "aca", "entity", "lm", "rest", "grad_norm"):
         assert abs(one["stats"][k] - two["stats"][k]) < 1e-4 * max(1.0, abs(one["stats"][k])), k
 
     # generation over the test split on two ranks: every study once (the sampler pads 3 -> 4)
     rows = [json.loads(line) for line in open(tmp_path / "eval_2" / "generated.jsonl")]
     ids = [r["id"] for r in rows]
-    assert sorted(ids) == sorted(r["id"] for r in load_annotation(ann, "test")) and len(set(ids)) == len(ids)
+    assert sorted(ids) == sorted(r["id"] for r in load_annotation(ann, "test")) and len(
+        set(ids)
+    ) == len(ids)

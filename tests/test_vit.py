@@ -37,11 +37,17 @@ def reference_forward(vit, images, queries, keep_ids=None, query_bias=None):
     (and ``query_bias`` [Q, L] added to the query rows' patch logits)."""
     x = vit.patch_embed(images) + vit.pos_embed
     Q = queries.shape[0]
-    bias = torch.zeros(x.shape[0], Q, x.shape[1]) if query_bias is None else query_bias.expand(x.shape[0], -1, -1)
+    bias = (
+        torch.zeros(x.shape[0], Q, x.shape[1])
+        if query_bias is None
+        else query_bias.expand(x.shape[0], -1, -1)
+    )
     if keep_ids is not None:
         x = x.gather(1, keep_ids[..., None].expand(-1, -1, x.shape[-1]))
         bias = torch.stack([bias[b][:, keep_ids[b]] for b in range(x.shape[0])])
-    x = torch.cat([queries.expand(x.shape[0], -1, -1), vit.cls_token.expand(x.shape[0], -1, -1), x], 1)
+    x = torch.cat(
+        [queries.expand(x.shape[0], -1, -1), vit.cls_token.expand(x.shape[0], -1, -1), x], 1
+    )
     N, Pn = x.shape[1], Q + 1
     allowed = torch.zeros(N, N, dtype=torch.bool)
     allowed[Pn:, Pn:] = True  # patches see only patches
@@ -67,12 +73,16 @@ def test_sincos_matches_mae():
     torch.testing.assert_close(got, torch.from_numpy(mae_numpy_sincos(D, 4)).float())
     vit = tiny()
     assert vit.grid == (4, 4) and vit.num_patches == 16
-    assert "pos_embed" not in vit.state_dict() and not any("pos_embed" in n for n, _ in vit.named_parameters())
+    assert "pos_embed" not in vit.state_dict() and not any(
+        "pos_embed" in n for n, _ in vit.named_parameters()
+    )
 
 
 def test_prefix_mask():
     m = prefix_attn_mask(3, 7, "cpu")
-    expect = torch.tensor([[1, 0, 0, 1, 1, 1, 1], [0, 1, 0, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    expect = torch.tensor(
+        [[1, 0, 0, 1, 1, 1, 1], [0, 1, 0, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1]], dtype=torch.bool
+    )
     assert torch.equal(m, expect)
 
 
@@ -82,7 +92,11 @@ def test_matches_full_masked_attention_and_attn():
     with torch.no_grad():
         out = vit(x, queries, return_attn=True)
         rq, rc, rp, rattn = reference_forward(vit, x, queries)
-    assert out["queries"].shape == (B, 5, D) and out["cls"].shape == (B, D) and out["patches"].shape == (B, 16, D)
+    assert (
+        out["queries"].shape == (B, 5, D)
+        and out["cls"].shape == (B, D)
+        and out["patches"].shape == (B, 16, D)
+    )
     assert out["attn"].shape == (B, 5, 16) and out["mask"].shape == (B, 16)
     assert out["mask"].sum() == 0 and torch.equal(out["ids_restore"][1], torch.arange(16))
     torch.testing.assert_close(out["queries"], rq)
@@ -101,7 +115,9 @@ def test_queries_never_change_the_image_tokens():
             a = vit(x, None, mask_ratio=ratio, noise=noise)
             b = vit(x, torch.randn(7, D), mask_ratio=ratio, noise=noise)
             c = vit(x, torch.randn(B, 3, D), mask_ratio=ratio, noise=noise)
-            assert torch.equal(a["patches"], b["patches"]) and torch.equal(a["patches"], c["patches"])
+            assert torch.equal(a["patches"], b["patches"]) and torch.equal(
+                a["patches"], c["patches"]
+            )
             torch.testing.assert_close(a["cls"], b["cls"])
             assert a["queries"].shape == (B, 0, D)
         # queries do not see each other: changing query 1 leaves query 0 as it was
@@ -126,10 +142,12 @@ def test_query_bias_is_an_additive_prior_on_the_query_rows_only():
         out = vit(x, q, return_attn=True, query_bias=bias)
         zero = vit(x, q, return_attn=True, query_bias=torch.zeros(3, 16))
     torch.testing.assert_close(zero["attn"], plain["attn"])
-    torch.testing.assert_close(out["cls"], plain["cls"])            # CLS and patches ignore the prior
+    # CLS and patches ignore the prior
+    torch.testing.assert_close(out["cls"], plain["cls"])
     torch.testing.assert_close(out["patches"], plain["patches"])
     peak = torch.full((3, 16), -30.0)
-    peak[torch.arange(3), torch.tensor([2, 9, 15])] = 0.0             # a sharp prior wins the last layer's attention
+    # a sharp prior wins the last layer's attention
+    peak[torch.arange(3), torch.tensor([2, 9, 15])] = 0.0
     with torch.no_grad():
         att = vit(x, q, return_attn=True, query_bias=peak)["attn"]
     assert torch.equal(att.argmax(-1), torch.tensor([[2, 9, 15]] * B))
@@ -145,7 +163,8 @@ def test_random_masking():
     for b in range(3):
         assert torch.equal(keep[b], noise[b].argsort()[:4])  # the lowest-noise patches are kept
         assert torch.equal(mask[b, keep[b]], torch.zeros(4))
-        assert torch.equal(noise[b].argsort()[restore[b]], torch.arange(16))  # ids_restore inverts the shuffle
+        # ids_restore inverts the shuffle
+        assert torch.equal(noise[b].argsort()[restore[b]], torch.arange(16))
     # per sample: different rows keep different patches
     assert not torch.equal(keep[0].sort().values, keep[1].sort().values)
 
@@ -173,7 +192,9 @@ def test_gradients_and_bf16_autocast():
     vit.train()
     q = torch.randn(3, D, requires_grad=True)
     out = vit(x, q, mask_ratio=0.5)
-    (out["queries"].pow(2).mean() + out["patches"].pow(2).mean() + out["cls"].pow(2).mean()).backward()
+    (
+        out["queries"].pow(2).mean() + out["patches"].pow(2).mean() + out["cls"].pow(2).mean()
+    ).backward()
     assert q.grad is not None and q.grad.abs().sum() > 0
     assert all(p.grad is not None for p in vit.parameters())
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -201,14 +222,21 @@ def test_load_mae_checkpoint(tmp_path):
         if k != "norm.weight":
             assert torch.equal(sd[k], src.state_dict()[k]), k
     assert torch.equal(dst.norm.weight, before)
-    assert "blocks.1.attn.qkv.weight" in report.matched and "patch_embed.proj.weight" in report.matched
+    assert (
+        "blocks.1.attn.qkv.weight" in report.matched and "patch_embed.proj.weight" in report.matched
+    )
     assert "cls_token" in report.matched and report.missing == ["norm.weight"]
-    assert "recomputed" in report.skipped["pos_embed"] and "decoder" in report.skipped["decoder_embed.weight"]
+    assert (
+        "recomputed" in report.skipped["pos_embed"]
+        and "decoder" in report.skipped["decoder_embed.weight"]
+    )
     assert "decoder" in report.skipped["mask_token"] and "shape" in report.skipped["norm.weight"]
     assert "head.weight" in report.skipped
     assert len(report.matched) == len(src.state_dict()) - 1
     # a bare state_dict works too, with DDP's "module." prefix stripped
-    again = tiny(seed=3).load_mae_checkpoint({"module." + k: v for k, v in src.state_dict().items()})
+    again = tiny(seed=3).load_mae_checkpoint(
+        {"module." + k: v for k, v in src.state_dict().items()}
+    )
     assert again.missing == [] and not again.skipped
 
 
@@ -243,11 +271,13 @@ def test_two_scale_stem_encoder_sees_neighbours_local_tokens_do_not():
     vit = VisionTransformer(IMG, P, D, 1, num_heads=2, mlp_ratio=2.0, stem="two_scale").eval()
     x = images().requires_grad_(True)
     out = vit(x)
-    out["local"][0, 6].sum().backward()                      # the leaves' evidence: its own patch only
+    # the leaves' evidence: its own patch only
+    out["local"][0, 6].sum().backward()
     seen = x.grad[0].abs().sum(0) > 0
     assert seen[P:2 * P, 2 * P:3 * P].all() and seen.sum() == P * P
     x.grad = None
-    vit.patch_embed(x)[0, 6].sum().backward()                # the encoder's token: its patch and beyond
+    # the encoder's token: its patch and beyond
+    vit.patch_embed(x)[0, 6].sum().backward()
     seen = x.grad[0].abs().sum(0) > 0
     assert seen[P:2 * P, 2 * P:3 * P].all() and seen.sum() > 2 * P * P
     assert not torch.equal(vit.patch_embed(images()), vit.local_embed(images()))

@@ -1,5 +1,5 @@
-"""Checkpoints: atomic saving, resuming, partial loading of pretrained weights, and the Checkpointer that
-decides when a training run saves.
+"""Checkpoints: atomic saving, resuming, partial loading of pretrained weights, and the Checkpointer
+that decides when a training run saves.
 
 A run directory holds ``checkpoint-last.pth`` (rewritten at every save), numbered
 ``checkpoint-NNNN.pth`` (NNNN = epoch) and ``checkpoint-best.pth``. ``find_latest`` returns
@@ -202,10 +202,11 @@ def count_parameters(model: nn.Module) -> str:
 
 
 class Checkpointer:
-    """Saves ``checkpoint-last.pth`` every ``save_every_steps`` optimizer steps (mid-epoch) and at every
-    epoch end, ``checkpoint-NNNN.pth`` every ``save_every`` epochs (and after the last), and
-    ``checkpoint-best.pth`` when ``best_metric`` improves. A checkpoint records the epoch to continue, the
-    batches of it already done ("epoch_step"), the best value so far and ``extra`` (e.g. tokenizer folders)."""
+    """Saves ``checkpoint-last.pth`` every ``save_every_steps`` optimizer steps (mid-epoch) and at
+    every epoch end, ``checkpoint-NNNN.pth`` every ``save_every`` epochs (and after the last), and
+    ``checkpoint-best.pth`` when ``best_metric`` improves. A checkpoint records the epoch to
+    continue, the batches of it already done ("epoch_step"), the best value so far and ``extra``
+    (e.g. tokenizer folders)."""
 
     def __init__(self, run_dir, cfg, model, optimizer, scaler, extra: dict | None = None):
         t = cfg.train
@@ -222,9 +223,16 @@ class Checkpointer:
     def _save(self, name, epoch, step, epoch_step, resumable=True):
         extra = dict(self.extra, epoch_step=int(epoch_step),
                      best=self.best if self.best is not None else float("nan"))
-        save_checkpoint(self.run_dir / name, model=self.model, optimizer=self.optimizer if resumable else None,
-                        scaler=self.scaler if resumable else None, epoch=epoch, step=step, cfg=self.cfg,
-                        extra=extra)
+        save_checkpoint(
+            self.run_dir / name,
+            model=self.model,
+            optimizer=self.optimizer if resumable else None,
+            scaler=self.scaler if resumable else None,
+            epoch=epoch,
+            step=step,
+            cfg=self.cfg,
+            extra=extra,
+        )
 
     def resume(self, spec) -> tuple[int, int]:
         """``spec`` '' (fresh), 'auto' (latest in the run dir, fresh if none) or a path.
@@ -240,8 +248,10 @@ class Checkpointer:
         best = extra.get("best", float("nan"))
         self.best = None if best is None or math.isnan(best) else float(best)
         epoch, epoch_step = int(ckpt["epoch"]), int(extra.get("epoch_step", 0))
-        print(f"resumed from {path}: epoch {epoch}, batch {epoch_step}, global step {ckpt['step']}, "
-              f"best {self.best_metric} {self.best}")
+        print(
+            f"resumed from {path}: epoch {epoch}, batch {epoch_step}, global step {ckpt['step']}, "
+            f"best {self.best_metric} {self.best}"
+        )
         return epoch, epoch_step
 
     def on_step(self, epoch: int, batches_done: int, global_step: int) -> None:
@@ -249,7 +259,8 @@ class Checkpointer:
             self._save("checkpoint-last.pth", epoch, global_step, batches_done)
 
     def end_epoch(self, epoch: int, global_step: int, metrics: dict | None = None) -> bool:
-        """After epoch ``epoch`` (and its validation ``metrics``): update best, save. Returns True if best."""
+        """After epoch ``epoch`` (and its validation ``metrics``): update best, save. Returns True
+        if best."""
         improved = False
         value = (metrics or {}).get(self.best_metric)
         if value is not None and math.isfinite(value):
@@ -257,8 +268,10 @@ class Checkpointer:
             if improved:
                 self.best = float(value)
         elif metrics:
-            print(f"WARNING: train.best_metric {self.best_metric!r} not among the validation metrics "
-                  f"{sorted(metrics)}")
+            print(
+                f"WARNING: train.best_metric {self.best_metric!r} not among the validation metrics "
+                f"{sorted(metrics)}"
+            )
         self._save("checkpoint-last.pth", epoch + 1, global_step, 0)
         last_epoch = epoch + 1 == self.epochs
         if self.save_every > 0 and ((epoch + 1) % self.save_every == 0 or last_epoch):

@@ -105,15 +105,17 @@ def _merge(base: dict, override: dict, source: str, prefix: str = "") -> None:
 
 
 def with_defaults(section: str, saved: dict, source: str) -> Config:
-    """defaults.yaml's ``section`` with ``saved`` (e.g. a checkpoint's stored section) merged over it: a key
-    added after the checkpoint was written takes its default, which keeps the older behaviour."""
+    """defaults.yaml's ``section`` with ``saved`` (e.g. a checkpoint's stored section) merged over
+    it: a key added after the checkpoint was written takes its default, which keeps the older
+    behaviour."""
     base = copy.deepcopy(_read_yaml(DEFAULTS)[section])
     _merge(base, saved, source, section + ".")
     return _wrap(base)
 
 
 def differences(a: dict, b: dict, prefix: str = "") -> list[tuple[str, object, object]]:
-    """``(dotted key, a's value, b's value)`` for every leaf key whose values differ (None where absent)."""
+    """``(dotted key, a's value, b's value)`` for every leaf key whose values differ (None where
+    absent)."""
     out = []
     for key in list(a) + [k for k in b if k not in a]:
         va, vb = a.get(key), b.get(key)
@@ -179,7 +181,9 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--config", default=None, help="YAML config (overrides configs/defaults.yaml)")
+    parser.add_argument(
+        "--config", default=None, help="YAML config (overrides configs/defaults.yaml)"
+    )
     parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                         help="dotted overrides, e.g. --set optim.lr=1e-4 data.batch_size=8")
     return parser

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.utils.tensorboard import SummaryWriter
 
 from utils.dist import comm_device, get_world_size, is_main_process
 
@@ -123,7 +124,6 @@ class TBWriter:
     def __init__(self, log_dir, enabled: bool = True):
         self.writer = None
         if enabled and is_main_process():
-            from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(log_dir=str(log_dir))
 
     def add_scalars(self, values: dict, step: int, prefix: str = "") -> None:

@@ -37,7 +37,9 @@ def effective_lr(cfg, world_size: int) -> float:
 
 # Parameters that are tokens / position tables: matched on the parameter's own name, or on the
 # owning module's name for embedding tables ("embeddings.position_embeddings.weight", GPT-2 "wpe").
-_TOKEN_PARAM = re.compile(r"(pos_embed|position_embeddings?|token|tokens|queries|query_embed|spatial_prior)$")
+_TOKEN_PARAM = re.compile(
+    r"(pos_embed|position_embeddings?|token|tokens|queries|query_embed|spatial_prior)$"
+)
 _POS_MODULE = re.compile(r"^(wpe|pos_embed|position_embeddings?|query_embed)$")
 
 
@@ -54,9 +56,12 @@ def no_weight_decay(name: str, p) -> bool:
             or (len(parts) > 1 and bool(_POS_MODULE.match(parts[-2]))))
 
 
-def param_groups(model: nn.Module, weight_decay: float, lr_scales: dict[str, float] | None = None) -> list[dict]:
-    """Optimizer groups {"params", "weight_decay", "lr_scale", "name"}; frozen params excluded. A parameter
-    whose name (behind DDP's "module.") starts with a prefix of ``lr_scales`` gets that lr multiplier."""
+def param_groups(
+    model: nn.Module, weight_decay: float, lr_scales: dict[str, float] | None = None
+) -> list[dict]:
+    """Optimizer groups {"params", "weight_decay", "lr_scale", "name"}; frozen params excluded. A
+    parameter whose name (behind DDP's "module.") starts with a prefix of ``lr_scales`` gets that lr
+    multiplier."""
     groups: dict[tuple[bool, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -64,6 +69,13 @@ def param_groups(model: nn.Module, weight_decay: float, lr_scales: dict[str, flo
         bare = _strip_wrappers(name)
         scale = next((s for prefix, s in (lr_scales or {}).items() if bare.startswith(prefix)), 1.0)
         groups.setdefault((no_weight_decay(bare, p), scale), []).append(p)
-    return [{"params": params, "weight_decay": 0.0 if no_wd else weight_decay, "lr_scale": scale,
-             "name": ("no_decay" if no_wd else "decay") + (f"_lr_x{scale:g}" if scale != 1.0 else "")}
-            for (no_wd, scale), params in sorted(groups.items())]
+    return [
+        {
+            "params": params,
+            "weight_decay": 0.0 if no_wd else weight_decay,
+            "lr_scale": scale,
+            "name": ("no_decay" if no_wd else "decay")
+            + (f"_lr_x{scale:g}" if scale != 1.0 else ""),
+        }
+        for (no_wd, scale), params in sorted(groups.items())
+    ]

@@ -1,5 +1,6 @@
-"""Seeds: the process-wide generators at start-up, and the per-step seed that makes a step's randomness
-(masking, dropout, in-process augmentation) a pure function of where the step is in the run."""
+"""Seeds: the process-wide generators at start-up, and the per-step seed that makes a step's
+randomness (masking, dropout, in-process augmentation) a pure function of where the step is in
+the run."""
 from __future__ import annotations
 
 import random
@@ -15,6 +16,6 @@ def seed_everything(seed: int) -> None:
 
 
 def step_seed(seed: int, rank: int, epoch: int, it: int) -> int:
-    """The torch seed of batch ``it`` of ``epoch`` on ``rank``: a run resumed mid-epoch draws what the
-    uninterrupted run drew."""
+    """The torch seed of batch ``it`` of ``epoch`` on ``rank``: a run resumed mid-epoch draws what
+    the uninterrupted run drew."""
     return (seed * 1_000_003 + rank * 7_919 + epoch * 100_003 + it) % (2**63)

@@ -92,7 +92,8 @@ class AnatomyGraph:
 
     @cached_property
     def averaging_matrix(self) -> torch.Tensor:
-        """``[num_nodes, num_leaves]``: node queries = this @ leaf queries (children mean, recursively)."""
+        """``[num_nodes, num_leaves]``: node queries = this @ leaf queries (children mean,
+        recursively)."""
         rows: dict[str, torch.Tensor] = {}
         for name in reversed(self.names):  # children come after parents breadth-first
             if self.is_leaf(name):
@@ -105,8 +106,9 @@ class AnatomyGraph:
 
     @cached_property
     def child_table(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """For each inner node (in ``inner_names`` order): node indices of its children padded
-        with 0 to the widest node, and a bool mask of the real entries. Both ``[num_inner, max_children]``."""
+        """For each inner node (in ``inner_names`` order): node indices of its children padded with
+        0 to the widest node, and a bool mask of the real entries. Both ``[num_inner,
+        max_children]``."""
         width = max(len(self.tree[n]) for n in self.inner_names)
         idx = torch.zeros(len(self.inner_names), width, dtype=torch.long)
         mask = torch.zeros(len(self.inner_names), width, dtype=torch.bool)
@@ -122,12 +124,13 @@ class AnatomyGraph:
 
     @property
     def leaf_node_index(self) -> torch.Tensor:
-        """Node index of every leaf, in ``leaf_names`` order: node outputs[:, this] = leaf outputs."""
+        """Node index of every leaf, in ``leaf_names`` order: node outputs[:, this] = leaf
+        outputs."""
         return torch.tensor([self.index[n] for n in self.leaf_names], dtype=torch.long)
 
     def restore(self, leaf_queries: torch.Tensor) -> torch.Tensor:
-        """Node queries ``[..., num_nodes, D]`` from leaf queries ``[..., num_leaves, D]``: one matmul
-        with ``averaging_matrix`` (every inner node = mean of its children, recursively)."""
+        """Node queries ``[..., num_nodes, D]`` from leaf queries ``[..., num_leaves, D]``: one
+        matmul with ``averaging_matrix`` (every inner node = mean of its children, recursively)."""
         a = self.averaging_matrix.to(device=leaf_queries.device, dtype=leaf_queries.dtype)
         return a @ leaf_queries
 
@@ -156,4 +159,6 @@ def graph_from_name(name: str) -> AnatomyGraph:
         return AnatomyGraph.default()
     if name.startswith("synthetic_") and name[len("synthetic_"):].isdigit():
         return synthetic_graph(int(name[len("synthetic_"):]))
-    raise ValueError(f"model.graph: unknown anatomy graph {name!r} (default | synthetic_<num_leaves>)")
+    raise ValueError(
+        f"model.graph: unknown anatomy graph {name!r} (default | synthetic_<num_leaves>)"
+    )

@@ -1,15 +1,17 @@
-"""The rule-based CheXpert labeler: 14 observation labels of a report from mentions, negation and uncertainty.
+"""The rule-based CheXpert labeler: 14 observation labels of a report from mentions, negation and
+uncertainty.
 
-Labels follow CheXpert: one float per observation in ``CHEXPERT_OBSERVATIONS`` order, 1.0 positive, 0.0 negative,
--1.0 uncertain, nan not mentioned. It labels the training reports (datasets) and, beside CheXbert, scores the
-generated ones (metrics/clinical.py).
+Labels follow CheXpert: one float per observation in ``CHEXPERT_OBSERVATIONS`` order, 1.0 positive,
+0.0 negative, -1.0 uncertain, nan not mentioned. It labels the training reports (datasets) and,
+beside CheXbert, scores the generated ones (metrics/clinical.py).
 
-RuleLabeler, in brief. A report is split into sentences (``.``/``!``/``?``/newline) and clauses (``;``, "but",
-"however", "although", "though", "except", "whereas", "with", "which", "there is/are", "and <subject> is").
-In each clause it finds mentions of the 14 observations (synonym patterns below), negation cues ("no", "not",
-"without", "free of", "negative for", "resolved", "removed", "no longer", ...) and uncertainty cues ("may",
-"possible", "likely", "suggest", "versus", "question of", "concern for", "cannot be excluded", "?", ...).
-"No change", "not changed", "partially resolved" and the like are not negations. A mention takes:
+RuleLabeler, in brief. A report is split into sentences (``.``/``!``/``?``/newline) and clauses
+(``;``, "but", "however", "although", "though", "except", "whereas", "with", "which", "there
+is/are", "and <subject> is"). In each clause it finds mentions of the 14 observations (synonym
+patterns below), negation cues ("no", "not", "without", "free of", "negative for", "resolved",
+"removed", "no longer", ...) and uncertainty cues ("may", "possible", "likely", "suggest", "versus",
+"question of", "concern for", "cannot be excluded", "?", ...). "No change", "not changed",
+"partially resolved" and the like are not negations. A mention takes:
   uncertain  if an uncertainty cue follows it in the clause ("... cannot be excluded", "... is possible";
              "versus", "possible", "?" reach back only to the nearest mention, not past a comma),
   else       what the nearest cue before it says (negation scope runs to the end of the clause, so
@@ -21,10 +23,11 @@ In each clause it finds mentions of the 14 observations (synonym patterns below)
   positive   otherwise.
 Per report, mentions aggregate as CheXpert does: positive > uncertain > negative > not mentioned.
 "No Finding" is 1 when no observation other than Support Devices is positive or uncertain, else nan
-(CheXpert labeler / CheXbert convention: that head is blank-or-positive, never negative).
-Perihilar "haziness" in "pulmonary edema with perihilar haziness" is labelled Lung Opacity as well as Edema:
+(CheXpert labeler / CheXbert convention: that head is blank-or-positive, never negative). Perihilar
+"haziness" in "pulmonary edema with perihilar haziness" is labelled Lung Opacity as well as Edema:
 every opacity word is an opacity mention, whatever else the sentence says.
 """
+
 from __future__ import annotations
 
 import functools
@@ -39,98 +42,211 @@ POSITIVE, NEGATIVE, UNCERTAIN = 1.0, 0.0, -1.0
 NO_FINDING = OBSERVATION_INDEX["No Finding"]
 SUPPORT_DEVICES = OBSERVATION_INDEX["Support Devices"]
 
-_G = r"(?:[\w-]+\s+){0,3}?"  # up to three words between a subject and its predicate ("is not clearly")
-_BE = r"(?: (?:is|are|isn't|aren't|appears?|remains?|seems?|looks?|was|were|has been|have been)|:)"  # " is" / ":"
+# up to three words between a subject and its predicate ("is not clearly")
+_G = r"(?:[\w-]+\s+){0,3}?"
+# " is" / ":"
+_BE = r"(?: (?:is|are|isn't|aren't|appears?|remains?|seems?|looks?|was|were|has been|have been)|:)"
 _AND = r"(?: and (?:the )?(?:[\w-]+ ){0,2}?[\w-]+)?"  # "heart size and mediastinal contour are ..."
-_NORMAL = (r"(?:normal|within normal limits|unremarkable|not enlarged|stable and normal|top[- ]normal|"
-           r"upper limits? of normal)")
+_NORMAL = (
+    r"(?:normal|within normal limits|unremarkable|not enlarged|stable and normal|top[- ]normal|"
+    r"upper limits? of normal)"
+)
 _HEART = r"(?:heart|cardiac silhouette|cardiac shadow|cardiac contours?|cardiac size|heart size|size of the heart)"
 _CMED = r"(?:cardiomediastinal|cardio-mediastinal|mediastinal|hilar and mediastinal|mediastinal and hilar)"
 
 # observation -> (mention patterns, explicit-normal patterns). Lower-case text, word-bounded.
 _PATTERNS: dict[str, tuple[list[str], list[str]]] = {
-    "Enlarged Cardiomediastinum": ([
-        rf"{_CMED} (?:silhouette|contours?|shadow)s?{_BE} {_G}(?:enlarged|widened|widening|prominent|increased)",
-        r"(?:enlarged|widened|wide|prominent) (?:cardio-?mediastin\w*|mediastin\w*)(?: silhouette| contours?)?",
-        rf"(?:cardio-?)?mediastin(?:um|al silhouette|al contours?){_BE} {_G}(?:widened|enlarged|wide|prominent)",
-        r"(?:cardio-?)?mediastinal (?:widening|enlargement|prominence)",
-        r"widening of the (?:superior |upper )?(?:cardio)?mediastinum",
-        r"enlargement of the (?:cardio)?mediastin\w*(?: silhouette)?",
-    ], [
-        rf"{_CMED} (?:silhouette|contours?|shadow)s?{_AND}{_BE} {_G}{_NORMAL}",
-        rf"(?:normal|unremarkable) {_CMED} (?:silhouette|contours?|shadow)s?",
-        rf"(?:cardio-?)?mediastinum{_BE} {_G}(?:normal|unremarkable|within normal limits|midline)",
-    ]),
-    "Cardiomegaly": ([
-        r"cardiomegaly", r"cardiomegally", r"cardiac enlargement", r"cardiac hypertrophy",
-        rf"(?:enlarged|large|prominent) (?:heart|cardiac silhouette|cardiac shadow|cardiac contour|cardiac size)",
-        rf"enlargement of the (?:heart|cardiac silhouette|cardiac shadow)",
-        rf"{_HEART}{_BE} {_G}(?:enlarged|increased|large|prominent|borderline enlarged)",
-        rf"{_HEART} enlargement",
-    ], [
-        rf"{_HEART}{_AND}{_BE} {_G}(?:{_NORMAL}|normal in size|of normal size)",
-        r"(?:normal|unremarkable) (?:heart size|heart|cardiac size|cardiac silhouette|size of the heart|"
-        r"cardiac contours?)",
-        rf"heart size normal", rf"{_HEART} (?:is )?within normal limits",
-    ]),
-    "Lung Opacity": ([
-        r"opacit(?:y|ies)", r"opacification", r"opacified", r"infiltrat(?:e|es|ion|ions|ive)",
-        r"haziness", r"hazy", r"ground[- ]glass", r"air[- ]?space (?:disease|process|opacit(?:y|ies))",
-        r"parenchymal (?:disease|process)",
-    ], [
-        rf"(?:lungs?|lung fields?){_BE} {_G}(?:otherwise )?clear", r"clear lungs?",
-        rf"lungs?{_BE} {_G}(?:otherwise )?(?:clear|normal|unremarkable)",
-    ]),
-    "Lung Lesion": ([
-        r"nodules?", r"nodular (?:opacit(?:y|ies)|densit(?:y|ies)|opacification)", r"mass(?:es)?(?! effect)",
-        r"(?<!osseous )(?<!lytic )(?<!bony )(?<!bone )(?<!skin )(?<!sclerotic )lesions?", r"neoplasms?",
-        r"tumou?rs?", r"carcinoma", r"malignanc(?:y|ies)", r"cavitary lesions?",
-    ], []),
-    "Edema": ([
-        r"(?<!subcutaneous )(?<!soft tissue )(?<!wall )(?<!facial )edema", r"(?:pulmonary|vascular|venous) congestion",
-        r"congestive heart failure", r"\bchf", r"fluid overload", r"vascular (?:engorgement|redistribution)",
-        r"cephalization", r"kerley b", r"(?:pulmonary )?venous hypertension",
-    ], []),
+    "Enlarged Cardiomediastinum": (
+        [
+            rf"{_CMED} (?:silhouette|contours?|shadow)s?{_BE} {_G}(?:enlarged|widened|widening|prominent|increased)",
+            r"(?:enlarged|widened|wide|prominent) (?:cardio-?mediastin\w*|mediastin\w*)(?: silhouette| contours?)?",
+            rf"(?:cardio-?)?mediastin(?:um|al silhouette|al contours?){_BE} {_G}(?:widened|enlarged|wide|prominent)",
+            r"(?:cardio-?)?mediastinal (?:widening|enlargement|prominence)",
+            r"widening of the (?:superior |upper )?(?:cardio)?mediastinum",
+            r"enlargement of the (?:cardio)?mediastin\w*(?: silhouette)?",
+        ],
+        [
+            rf"{_CMED} (?:silhouette|contours?|shadow)s?{_AND}{_BE} {_G}{_NORMAL}",
+            rf"(?:normal|unremarkable) {_CMED} (?:silhouette|contours?|shadow)s?",
+            rf"(?:cardio-?)?mediastinum{_BE} {_G}(?:normal|unremarkable|within normal limits|midline)",
+        ],
+    ),
+    "Cardiomegaly": (
+        [
+            r"cardiomegaly",
+            r"cardiomegally",
+            r"cardiac enlargement",
+            r"cardiac hypertrophy",
+            r"(?:enlarged|large|prominent) (?:heart|cardiac silhouette|cardiac shadow|cardiac contour|cardiac size)",
+            r"enlargement of the (?:heart|cardiac silhouette|cardiac shadow)",
+            rf"{_HEART}{_BE} {_G}(?:enlarged|increased|large|prominent|borderline enlarged)",
+            rf"{_HEART} enlargement",
+        ],
+        [
+            rf"{_HEART}{_AND}{_BE} {_G}(?:{_NORMAL}|normal in size|of normal size)",
+            r"(?:normal|unremarkable) (?:heart size|heart|cardiac size|cardiac silhouette|size of the heart|"
+            r"cardiac contours?)",
+            r"heart size normal",
+            rf"{_HEART} (?:is )?within normal limits",
+        ],
+    ),
+    "Lung Opacity": (
+        [
+            r"opacit(?:y|ies)",
+            r"opacification",
+            r"opacified",
+            r"infiltrat(?:e|es|ion|ions|ive)",
+            r"haziness",
+            r"hazy",
+            r"ground[- ]glass",
+            r"air[- ]?space (?:disease|process|opacit(?:y|ies))",
+            r"parenchymal (?:disease|process)",
+        ],
+        [
+            rf"(?:lungs?|lung fields?){_BE} {_G}(?:otherwise )?clear",
+            r"clear lungs?",
+            rf"lungs?{_BE} {_G}(?:otherwise )?(?:clear|normal|unremarkable)",
+        ],
+    ),
+    "Lung Lesion": (
+        [
+            r"nodules?",
+            r"nodular (?:opacit(?:y|ies)|densit(?:y|ies)|opacification)",
+            r"mass(?:es)?(?! effect)",
+            r"(?<!osseous )(?<!lytic )(?<!bony )(?<!bone )(?<!skin )(?<!sclerotic )lesions?",
+            r"neoplasms?",
+            r"tumou?rs?",
+            r"carcinoma",
+            r"malignanc(?:y|ies)",
+            r"cavitary lesions?",
+        ],
+        [],
+    ),
+    "Edema": (
+        [
+            r"(?<!subcutaneous )(?<!soft tissue )(?<!wall )(?<!facial )edema",
+            r"(?:pulmonary|vascular|venous) congestion",
+            r"congestive heart failure",
+            r"\bchf",
+            r"fluid overload",
+            r"vascular (?:engorgement|redistribution)",
+            r"cephalization",
+            r"kerley b",
+            r"(?:pulmonary )?venous hypertension",
+        ],
+        [],
+    ),
     "Consolidation": ([r"consolidat(?:ion|ions|ive|ed|ing)"], []),
-    "Pneumonia": ([r"pneumonias?", r"bronchopneumonia", r"infectious (?:process|etiology)", r"infection",
-                   r"pneumonic"], []),
-    "Atelectasis": ([
-        r"atelecta(?:sis|ses|tic)", r"(?:lobar|lobe|lung|segmental|subsegmental) collapse",
-        r"collapse of the (?:\w+ ){0,3}(?:lobe|lung)", r"collapsed (?:lobe|lung)",
-    ], []),
+    "Pneumonia": (
+        [
+            r"pneumonias?",
+            r"bronchopneumonia",
+            r"infectious (?:process|etiology)",
+            r"infection",
+            r"pneumonic",
+        ],
+        [],
+    ),
+    "Atelectasis": (
+        [
+            r"atelecta(?:sis|ses|tic)",
+            r"(?:lobar|lobe|lung|segmental|subsegmental) collapse",
+            r"collapse of the (?:\w+ ){0,3}(?:lobe|lung)",
+            r"collapsed (?:lobe|lung)",
+        ],
+        [],
+    ),
     "Pneumothorax": ([r"pneumothora(?:x|ces)", r"hydropneumothora(?:x|ces)", r"\bptx"], []),
-    "Pleural Effusion": ([
-        r"(?<!pericardial )(?<!joint )effusions?", r"pleural fluid", r"hydrothorax", r"hydropneumothora(?:x|ces)",
-        r"blunt(?:ing|ed) (?:of )?(?:the )?(?:\w+ ){0,2}costophrenic", r"costophrenic (?:angle )?blunting",
-        r"layering fluid", r"fluid (?:in|within) the (?:\w+ )?(?:pleural|fissure)",
-    ], []),
-    "Pleural Other": ([
-        r"pleural thickening", r"thickening of the pleura", r"pleural plaques?", r"pleural calcifications?",
-        r"fibrothorax", r"fibrosis", r"fibrotic", r"(?:pleural|pleuro-?parenchymal|apical) scar(?:ring|s)?",
-        r"pleural reaction",
-    ], []),
+    "Pleural Effusion": (
+        [
+            r"(?<!pericardial )(?<!joint )effusions?",
+            r"pleural fluid",
+            r"hydrothorax",
+            r"hydropneumothora(?:x|ces)",
+            r"blunt(?:ing|ed) (?:of )?(?:the )?(?:\w+ ){0,2}costophrenic",
+            r"costophrenic (?:angle )?blunting",
+            r"layering fluid",
+            r"fluid (?:in|within) the (?:\w+ )?(?:pleural|fissure)",
+        ],
+        [],
+    ),
+    "Pleural Other": (
+        [
+            r"pleural thickening",
+            r"thickening of the pleura",
+            r"pleural plaques?",
+            r"pleural calcifications?",
+            r"fibrothorax",
+            r"fibrosis",
+            r"fibrotic",
+            r"(?:pleural|pleuro-?parenchymal|apical) scar(?:ring|s)?",
+            r"pleural reaction",
+        ],
+        [],
+    ),
     "Fracture": ([r"fractures?", r"fractured", r"\bfx"], []),
-    "Support Devices": ([
-        r"catheters?", r"tubes?", r"\bett\b", r"\bngt\b", r"\bogt\b", r"picc", r"pacemakers?", r"pacers?",
-        r"\baicd\b", r"\bicd\b", r"defibrillators?", r"wires?", r"clips?", r"stents?", r"port-?a-?cath",
-        r"portacath", r"\bport\b", r"drains?", r"hardware", r"coils?", r"\bdevices?", r"swan[- ]ganz",
-        r"tracheostomy", r"balloon pump", r"\biabp\b", r"prosthetic (?:\w+ )?valves?",
-        r"valve (?:replacement|prosthesis|repair)", r"electrodes?", r"filter",
-        r"(?:picc|central|venous|jugular|\bij|subclavian|arterial|dialysis|hemodialysis|tunneled|swan-ganz|"
-        r"\bpa|midline|access|port|\biv|femoral|support) (?:[\w-]+ )?lines?",
-        r"lines? and tubes?", r"tubes? and lines?", r"line tips?",
-    ], []),
+    "Support Devices": (
+        [
+            r"catheters?",
+            r"tubes?",
+            r"\bett\b",
+            r"\bngt\b",
+            r"\bogt\b",
+            r"picc",
+            r"pacemakers?",
+            r"pacers?",
+            r"\baicd\b",
+            r"\bicd\b",
+            r"defibrillators?",
+            r"wires?",
+            r"clips?",
+            r"stents?",
+            r"port-?a-?cath",
+            r"portacath",
+            r"\bport\b",
+            r"drains?",
+            r"hardware",
+            r"coils?",
+            r"\bdevices?",
+            r"swan[- ]ganz",
+            r"tracheostomy",
+            r"balloon pump",
+            r"\biabp\b",
+            r"prosthetic (?:\w+ )?valves?",
+            r"valve (?:replacement|prosthesis|repair)",
+            r"electrodes?",
+            r"filter",
+            r"(?:picc|central|venous|jugular|\bij|subclavian|arterial|dialysis|hemodialysis|tunneled|swan-ganz|"
+            r"\bpa|midline|access|port|\biv|femoral|support) (?:[\w-]+ )?lines?",
+            r"lines? and tubes?",
+            r"tubes? and lines?",
+            r"line tips?",
+        ],
+        [],
+    ),
 }
 
 # "no ... to suggest X": the uncertainty words are hidden so that "no" negates X
-_NEG_PHRASE = [r"\bno (?:\w+ ){0,3}?(to suggest|suggestive of|suggesting|consistent with|compatible with|"
-               r"concerning for|worrisome for|suspicious for|to indicate|indicative of|diagnostic of)"]
-# Literal stems: an observation's patterns run only on clauses containing one of them (every pattern above
-# contains one of its observation's stems; tests/test_clinical.py checks the examples). A large speed-up.
+_NEG_PHRASE = [
+    r"\bno (?:\w+ ){0,3}?(to suggest|suggestive of|suggesting|consistent with|compatible with|"
+    r"concerning for|worrisome for|suspicious for|to indicate|indicative of|diagnostic of)"
+]
+# Literal stems: an observation's patterns run only on clauses containing one of them (every pattern
+# above contains one of its observation's stems; tests/test_clinical.py checks the examples). A
+# large speed-up.
 _TRIGGERS = {
     "Enlarged Cardiomediastinum": ("mediastin",),
     "Cardiomegaly": ("cardiomegal", "cardiac", "heart"),
-    "Lung Opacity": ("opacit", "opacif", "infiltrat", "haz", "ground", "air", "parenchymal", "lung"),
+    "Lung Opacity": (
+        "opacit",
+        "opacif",
+        "infiltrat",
+        "haz",
+        "ground",
+        "air",
+        "parenchymal",
+        "lung",
+    ),
     "Lung Lesion": ("nodul", "mass", "lesion", "neoplasm", "tumo", "carcinoma", "malignan"),
     "Edema": ("edema", "congest", "chf", "overload", "vascular", "cephaliz", "kerley", "venous"),
     "Consolidation": ("consolidat",),
@@ -140,43 +256,142 @@ _TRIGGERS = {
     "Pleural Effusion": ("effusion", "fluid", "hydrothorax", "hydropneumothora", "costophrenic"),
     "Pleural Other": ("pleura", "pleuro", "fibro", "scar"),
     "Fracture": ("fractur", "fx"),
-    "Support Devices": ("cathet", "tube", "ett", "ngt", "ogt", "picc", "pace", "icd", "defib", "wire", "clip",
-                        "stent", "port", "drain", "hardware", "coil", "device", "swan", "tracheost", "balloon",
-                        "iabp", "valve", "electrode", "filter", "line"),
+    "Support Devices": (
+        "cathet",
+        "tube",
+        "ett",
+        "ngt",
+        "ogt",
+        "picc",
+        "pace",
+        "icd",
+        "defib",
+        "wire",
+        "clip",
+        "stent",
+        "port",
+        "drain",
+        "hardware",
+        "coil",
+        "device",
+        "swan",
+        "tracheost",
+        "balloon",
+        "iabp",
+        "valve",
+        "electrode",
+        "filter",
+        "line",
+    ),
 }
 
-_NEG_PRE = [r"\bno\b", r"\bnot\b", r"\bwithout\b", r"free of", r"negative for", r"absence of", r"\bnor\b",
-            r"resolution of", r"\bresolved\b", r"removal of", r"clear of", r"rather than", r"no longer",
-            r"\bnever\b", r"n't\b"]
-_NEG_POST = [r"\bresolved\b", r"has cleared", r"have cleared", r"\bcleared\b", r"\bremoved\b", r"\babsent\b",
-             r"no longer", r"\bexcluded\b", r"ruled out", r"\bgone\b",
-             r"(?:\bnot|n't) (?:\w+ )?(?:seen|identified|present|visualized|appreciated|evident|demonstrated|noted|"
-             r"detected|visible|observed|enlarged|widened)\b"]
-_UNC_PRE = [r"\bmay\b", r"\bmight\b", r"\bcould\b", r"\bpossibl[ey]\b", r"\bprobabl[ey]\b", r"\blikely\b",
-            r"\bunlikely\b", r"\bsuggest\w*", r"\bversus\b", r"\bvs\b", r"question of", r"\bquestionabl[ey]\b",
-            r"concern(?:ing)? for", r"suspicious for", r"\bsuspect\w*", r"\bsuspicion\b",
-            r"can ?not (?:be )?(?:\w+ )?(?:excluded?|ruled out|rule out)", r"can't (?:be )?(?:excluded?|rule out)",
-            r"\brule out\b", r"\br/o\b", r"evaluate for", r"assess for", r"\bborderline\b", r"\bequivocal\b",
-            r"\bindeterminate\b", r"\bdifferential\b", r"\bconsider\w*", r"\bperhaps\b", r"\bmaybe\b",
-            r"\bpotential(?:ly)?\b", r"\bpresum\w*", r"\bquestioned\b", r"\buncertain\b", r"\bdifficult to exclude",
-            r"worrisome for", r"\bpossibility\b", r"not (?:\w+ )?excluded", r"\bcannot exclude\b",
-            r"(?:^|\s)\?(?=\s*\w)"]
-# after the mention: "loose" cues reach every mention before them in the clause, "tight" ones only the last
-_UNC_POST = [r"can ?not (?:be )?(?:\w+ )?(?:excluded|ruled out)", r"not (?:\w+ )?(?:excluded|ruled out)",
-             r"can't be (?:excluded|ruled out)", rf"{_BE} (?:also )?(?:possible|likely|unlikely|suspected|questionable|"
-             r"considered|not excluded|in the differential)", r"\bdifficult to exclude"]
-_UNC_POST_TIGHT = [r"\bversus\b", r"\bvs\b", r"\?\s*$", r"(?:may|might|could) (?:be|represent|reflect|indicate)",
-                   r"\bpossible\b", r"\bsuspected\b"]
-_PSEUDO = [r"\b(?:no|not|without)\s+(?:\w+\s+)?(?:change|changed|changes|increase|increased|decrease|decreased|"
-           r"worsening|worsened|improvement|improved|progression|progressed|difference|interval change)\b",
-           r"(?:partial(?:ly)?|incomplete(?:ly)?|nearly|almost|not (?:completely|fully|entirely)|near(?:ly)?[- ]"
-           r"complete(?:ly)?|near[- ]complete)\s+(?:resolved|resolution|cleared|clearing)",
-           r"not (?:well )?(?:seen|visualized|assessed|evaluated|included)\s+(?:on|in) (?:this|the)",
-           r"no other", r"\bnot only\b", r"\bno\.\s*\d"]
-_BREAKERS = re.compile(r";|\bbut\b|\bhowever\b|\balthough\b|\bthough\b|\bexcept\b|\bwhereas\b|"
-                       r"(?<!consistent )(?<!compatible )\bwith\b|\bthere (?:is|are|has been|have been)\b|\bwhich\b|"
-                       r"\band (?=(?:the |a |an )?[\w-]+ (?:is|are|has|have|was|were|appears?|remains?)\b)")
-_SENTENCES = re.compile(r"(?<=[.!])\s+|(?<=\w\?)\s+|\n+|(?<=[a-z])\.(?=[a-z])")  # "? pneumonia" stays whole
+_NEG_PRE = [
+    r"\bno\b",
+    r"\bnot\b",
+    r"\bwithout\b",
+    r"free of",
+    r"negative for",
+    r"absence of",
+    r"\bnor\b",
+    r"resolution of",
+    r"\bresolved\b",
+    r"removal of",
+    r"clear of",
+    r"rather than",
+    r"no longer",
+    r"\bnever\b",
+    r"n't\b",
+]
+_NEG_POST = [
+    r"\bresolved\b",
+    r"has cleared",
+    r"have cleared",
+    r"\bcleared\b",
+    r"\bremoved\b",
+    r"\babsent\b",
+    r"no longer",
+    r"\bexcluded\b",
+    r"ruled out",
+    r"\bgone\b",
+    r"(?:\bnot|n't) (?:\w+ )?(?:seen|identified|present|visualized|appreciated|evident|demonstrated|noted|"
+    r"detected|visible|observed|enlarged|widened)\b",
+]
+_UNC_PRE = [
+    r"\bmay\b",
+    r"\bmight\b",
+    r"\bcould\b",
+    r"\bpossibl[ey]\b",
+    r"\bprobabl[ey]\b",
+    r"\blikely\b",
+    r"\bunlikely\b",
+    r"\bsuggest\w*",
+    r"\bversus\b",
+    r"\bvs\b",
+    r"question of",
+    r"\bquestionabl[ey]\b",
+    r"concern(?:ing)? for",
+    r"suspicious for",
+    r"\bsuspect\w*",
+    r"\bsuspicion\b",
+    r"can ?not (?:be )?(?:\w+ )?(?:excluded?|ruled out|rule out)",
+    r"can't (?:be )?(?:excluded?|rule out)",
+    r"\brule out\b",
+    r"\br/o\b",
+    r"evaluate for",
+    r"assess for",
+    r"\bborderline\b",
+    r"\bequivocal\b",
+    r"\bindeterminate\b",
+    r"\bdifferential\b",
+    r"\bconsider\w*",
+    r"\bperhaps\b",
+    r"\bmaybe\b",
+    r"\bpotential(?:ly)?\b",
+    r"\bpresum\w*",
+    r"\bquestioned\b",
+    r"\buncertain\b",
+    r"\bdifficult to exclude",
+    r"worrisome for",
+    r"\bpossibility\b",
+    r"not (?:\w+ )?excluded",
+    r"\bcannot exclude\b",
+    r"(?:^|\s)\?(?=\s*\w)",
+]
+# after the mention: "loose" cues reach every mention before them in the clause, "tight" ones only
+# the last
+_UNC_POST = [
+    r"can ?not (?:be )?(?:\w+ )?(?:excluded|ruled out)",
+    r"not (?:\w+ )?(?:excluded|ruled out)",
+    r"can't be (?:excluded|ruled out)",
+    rf"{_BE} (?:also )?(?:possible|likely|unlikely|suspected|questionable|"
+    r"considered|not excluded|in the differential)",
+    r"\bdifficult to exclude",
+]
+_UNC_POST_TIGHT = [
+    r"\bversus\b",
+    r"\bvs\b",
+    r"\?\s*$",
+    r"(?:may|might|could) (?:be|represent|reflect|indicate)",
+    r"\bpossible\b",
+    r"\bsuspected\b",
+]
+_PSEUDO = [
+    r"\b(?:no|not|without)\s+(?:\w+\s+)?(?:change|changed|changes|increase|increased|decrease|decreased|"
+    r"worsening|worsened|improvement|improved|progression|progressed|difference|interval change)\b",
+    r"(?:partial(?:ly)?|incomplete(?:ly)?|nearly|almost|not (?:completely|fully|entirely)|near(?:ly)?[- ]"
+    r"complete(?:ly)?|near[- ]complete)\s+(?:resolved|resolution|cleared|clearing)",
+    r"not (?:well )?(?:seen|visualized|assessed|evaluated|included)\s+(?:on|in) (?:this|the)",
+    r"no other",
+    r"\bnot only\b",
+    r"\bno\.\s*\d",
+]
+_BREAKERS = re.compile(
+    r";|\bbut\b|\bhowever\b|\balthough\b|\bthough\b|\bexcept\b|\bwhereas\b|"
+    r"(?<!consistent )(?<!compatible )\bwith\b|\bthere (?:is|are|has been|have been)\b|\bwhich\b|"
+    r"\band (?=(?:the |a |an )?[\w-]+ (?:is|are|has|have|was|were|appears?|remains?)\b)"
+)
+# "? pneumonia" stays whole
+_SENTENCES = re.compile(r"(?<=[.!])\s+|(?<=\w\?)\s+|\n+|(?<=[a-z])\.(?=[a-z])")
 
 
 def _compile(patterns: list[str]) -> re.Pattern | None:
@@ -201,14 +416,21 @@ class RuleLabeler:
             if obs == "No Finding":
                 continue
             pos, normal = _PATTERNS[obs]
-            self._mentions.append((OBSERVATION_INDEX[obs], _TRIGGERS[obs], _compile([_bounded(p) for p in pos]),
-                                   _compile([_bounded(p) for p in normal])))
+            self._mentions.append(
+                (
+                    OBSERVATION_INDEX[obs],
+                    _TRIGGERS[obs],
+                    _compile([_bounded(p) for p in pos]),
+                    _compile([_bounded(p) for p in normal]),
+                )
+            )
         self._neg_phrase, self._pseudo = re.compile(_NEG_PHRASE[0]), _compile(_PSEUDO)
         self._neg_pre, self._neg_post = _compile(_NEG_PRE), _compile(_NEG_POST)
         self._unc_pre, self._unc_post = _compile(_UNC_PRE), _compile(_UNC_POST)
         self._unc_tight = _compile(_UNC_POST_TIGHT)
 
-    # -- one clause ---------------------------------------------------------------------------------------
+    # -- one clause
+    # ---------------------------------------------------------------------------------------
     @staticmethod
     def _mask(text: str, spans: list[tuple[int, int]]) -> str:
         chars = list(text)
@@ -216,16 +438,21 @@ class RuleLabeler:
             chars[a:b] = " " * (b - a)
         return "".join(chars)
 
-    def _find(self, pattern: re.Pattern, text: str, value: float, tight: bool = False) -> list[tuple]:
+    def _find(
+        self, pattern: re.Pattern, text: str, value: float, tight: bool = False
+    ) -> list[tuple]:
         return [(m.start(), m.end(), value, tight) for m in pattern.finditer(text)]
 
     def _cues(self, clause: str) -> tuple[list, list]:
-        """(pre-cues, post-cues) as (start, end, value, tight); phrases found first hide the words inside them."""
+        """(pre-cues, post-cues) as (start, end, value, tight); phrases found first hide the words
+        inside them."""
         hide = [m.span() for m in self._pseudo.finditer(clause)]
         hide += [m.span(1) for m in self._neg_phrase.finditer(clause)]
         masked = self._mask(clause, hide)
         unc_pre = self._find(self._unc_pre, masked, UNCERTAIN)
-        unc_post = self._find(self._unc_post, masked, UNCERTAIN) + self._find(self._unc_tight, masked, UNCERTAIN, True)
+        unc_post = self._find(self._unc_post, masked, UNCERTAIN) + self._find(
+            self._unc_tight, masked, UNCERTAIN, True
+        )
         masked = self._mask(masked, [c[:2] for c in unc_pre + unc_post])
         neg_pre = self._find(self._neg_pre, masked, NEGATIVE)
         neg_post = self._find(self._neg_post, masked, NEGATIVE)
@@ -245,14 +472,16 @@ class RuleLabeler:
         pre, post = self._cues(clause)
         starts = sorted(m[1] for m in mentions)
         for idx, start, end, is_normal in mentions:
-            # a tight post-cue ("versus", "possible", "?") reaches back only to the nearest mention, not past a comma
+            # a tight post-cue ("versus", "possible", "?") reaches back only to the nearest mention,
+            # not past a comma
             after = [c for c in post if c[0] >= end and not (c[3] and (
                 "," in clause[end:c[0]] or any(end <= s < c[0] for s in starts)))]
             before = [c for c in pre if c[1] <= end]
             if any(c[2] == UNCERTAIN for c in after):
                 value = UNCERTAIN
             elif before:
-                value = max(before, key=lambda c: c[0])[2]  # the nearest cue before the mention decides
+                # the nearest cue before the mention decides
+                value = max(before, key=lambda c: c[0])[2]
             elif after or is_normal:
                 value = NEGATIVE
             else:
@@ -263,13 +492,19 @@ class RuleLabeler:
     def _label_sentence(self, sentence: str) -> tuple:
         hit = self._cache.get(sentence)
         if hit is None:
-            hit = tuple(v for clause in _BREAKERS.split(sentence) if clause.strip() for v in self._label_clause(clause))
+            hit = tuple(
+                v
+                for clause in _BREAKERS.split(sentence)
+                if clause.strip()
+                for v in self._label_clause(clause)
+            )
             if len(self._cache) >= self._cache_size:
                 self._cache.clear()
             self._cache[sentence] = hit
         return hit
 
-    # -- reports ------------------------------------------------------------------------------------------
+    # -- reports
+    # ------------------------------------------------------------------------------------------
     def label_one(self, text: str) -> np.ndarray:
         out = np.full(len(CHEXPERT_OBSERVATIONS), np.nan)
         text = re.sub(r"\s+", " ", (text or "").lower().replace("vs.", "vs"))
@@ -277,7 +512,9 @@ class RuleLabeler:
             for idx, value in self._label_sentence(sentence):
                 out[idx] = _merge(out[idx], value)
         others = np.delete(out, [NO_FINDING, SUPPORT_DEVICES])
-        out[NO_FINDING] = POSITIVE if not np.any((others == POSITIVE) | (others == UNCERTAIN)) else np.nan
+        out[NO_FINDING] = (
+            POSITIVE if not np.any((others == POSITIVE) | (others == UNCERTAIN)) else np.nan
+        )
         return out
 
     def label(self, texts: list[str]) -> np.ndarray:
@@ -301,9 +538,9 @@ def _shared_labeler() -> RuleLabeler:
 
 
 def finding_anatomies(report: str, graph) -> list[str]:
-    """Graph nodes named in the report's sentences that state a finding (the rule labeler reads a positive
-    or uncertain observation other than No Finding in them): "small right pleural effusion" gives the right
-    costophrenic angle, "the lungs are clear" gives nothing."""
+    """Graph nodes named in the report's sentences that state a finding (the rule labeler reads a
+    positive or uncertain observation other than No Finding in them): "small right pleural effusion"
+    gives the right costophrenic angle, "the lungs are clear" gives nothing."""
     labeler = _shared_labeler()
     found: list[str] = []
     for sentence in clean_report(report).split(" . "):

@@ -61,8 +61,11 @@ _TERMS: list[tuple[str, str]] = [
     (r"upper (?:lobes?|zones?|lung zones?|lungs?|lung fields?)", "{side} upper lung zone"),
     (r"lingula|lingular", "left mid lung zone"),
     (r"middle lobe|mid (?:lung )?zones?|mid lungs?", "{side} mid lung zone"),
-    (r"lower (?:lobes?|zones?|lung zones?|lungs?|lung fields?)|lung bases?|bases|base|basilar|basal"
-     r"|bibasilar|bibasal", "{side} lower lung zone"),
+    (
+        r"lower (?:lobes?|zones?|lung zones?|lungs?|lung fields?)|lung bases?|bases|base|basilar|basal"
+        r"|bibasilar|bibasal",
+        "{side} lower lung zone",
+    ),
     (r"apical zones?|apical|apices|apex|biapical", "{side} apical zone"),
     (r"costophrenic (?:angles?|sulcus|sulci)", "{side} costophrenic angle"),
     (r"(?:hemi)?diaphragms?|hemidiaphragmatic", "{side} hemidiaphragm"),
@@ -71,7 +74,10 @@ _TERMS: list[tuple[str, str]] = [
     (r"lungs?|pulmonary parenchyma", "{side} lung"),
     (r"cardiac silhouette|heart|cardiac|cardiomegaly", "cardiac silhouette"),
     (r"cardiomediastinal (?:silhouette|contours?)", "mediastinum"),
-    (r"(?:upper|superior) mediastin(?:um|al)|mediastinal widening|widened mediastinum", "upper mediastinum"),
+    (
+        r"(?:upper|superior) mediastin(?:um|al)|mediastinal widening|widened mediastinum",
+        "upper mediastinum",
+    ),
     (r"mediastin(?:um|al)", "mediastinum"),
     (r"right atri(?:um|al)", "right atrium"),
     (r"cavo-?atrial(?: junction)?", "cavoatrial junction"),
@@ -116,8 +122,11 @@ def derive_anatomies(report: str, graph) -> list[str]:
                 if any(taken[m.start():m.end()]):
                     continue
                 taken[m.start():m.end()] = [True] * (m.end() - m.start())
-                names = ([node.format(side=s) for s in _sides_before(sentence, m.start(), m.group(0))]
-                         if "{side}" in node else [node])
+                names = (
+                    [node.format(side=s) for s in _sides_before(sentence, m.start(), m.group(0))]
+                    if "{side}" in node
+                    else [node]
+                )
                 for name in names:
                     if name in graph.index and name not in found:
                         found.append(name)
@@ -129,6 +138,8 @@ def sentence_anatomies(report: str, graph) -> list[tuple[str, list[str]]]:
     (e.g. "left lung" -> its 7 zones), graph leaf order; [] for a sentence naming no anatomy."""
     out = []
     for sent in split_sentences(report):
-        leaves = {leaf for node in derive_anatomies(sent, graph) for leaf in graph.leaves_under(node)}
+        leaves = {
+            leaf for node in derive_anatomies(sent, graph) for leaf in graph.leaves_under(node)
+        }
         out.append((sent, [n for n in graph.leaf_names if n in leaves]))
     return out

@@ -1,6 +1,6 @@
-"""Launched by tests/test_alignment.py under torchrun (2 CPU processes, gloo): each rank computes the
-contrastive and ACA losses on its slice of one global batch under DDP and writes its loss, the
-DDP-averaged parameter gradients and its inputs' gradients to OUT/rank<r>.pt."""
+"""Launched by tests/test_alignment.py under torchrun (2 CPU processes, gloo): each rank computes
+the contrastive and ACA losses on its slice of one global batch under DDP and writes its loss,
+the DDP-averaged parameter gradients and its inputs' gradients to OUT/rank<r>.pt."""
 import sys
 from pathlib import Path
 
@@ -17,7 +17,8 @@ PER_RANK, L, LV, D, DT, K = 3, 4, 2, 6, 5, 3
 def make_data(world_size):
     g = torch.Generator().manual_seed(0)
     n = world_size * PER_RANK
-    mask = torch.stack([torch.randperm(L, generator=g) >= LV for _ in range(n)]).float()  # 2 of 4 masked
+    # 2 of 4 masked
+    mask = torch.stack([torch.randperm(L, generator=g) >= LV for _ in range(n)]).float()
     return {"patches": torch.randn(n, LV, D, generator=g), "text": torch.randn(n, DT, generator=g),
             "mask": mask, "leaves": torch.randn(n, K, D, generator=g)}
 

@@ -66,8 +66,13 @@ def main(out_dir):
 
     images, anat = make_prior_data(w)
     m = len(images) // w
-    prior = estimate_location_prior([{"image": images[r * m:(r + 1) * m], "anatomies": anat[r * m:(r + 1) * m]}],
-                                    anat.shape[1], images.shape[-1], 4, info.device)
+    prior = estimate_location_prior(
+        [{"image": images[r * m : (r + 1) * m], "anatomies": anat[r * m : (r + 1) * m]}],
+        anat.shape[1],
+        images.shape[-1],
+        4,
+        info.device,
+    )
 
     result = {
         "location_prior": prior,

@@ -6,8 +6,10 @@ import os
 import socket
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
@@ -138,3 +140,15 @@ def torchrun(nproc: int, *args, timeout: int = 300) -> subprocess.CompletedProce
         *args,
         timeout=timeout,
     )
+
+
+XRV_WHEEL = REPO / ".cache" / "wheels" / "torchxrayvision-1.5.7-py3-none-any.whl"
+
+
+def xrv_file(name: str) -> bytes:
+    """A real annotation file shipped in the torchxrayvision wheel (``torchxrayvision/data/<name>``),
+    read from the wheel at test time; the test skips, naming the wheel, where it is absent."""
+    if not XRV_WHEEL.is_file():
+        pytest.skip(f"{XRV_WHEEL} is absent (scripts/setup_env.sh downloads it with pip)")
+    with zipfile.ZipFile(XRV_WHEEL) as wheel:
+        return wheel.read(f"torchxrayvision/data/{name}")

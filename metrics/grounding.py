@@ -70,7 +70,6 @@ def iou_at_thresholds(heatmap, mask, thresholds=THRESHOLDS) -> np.ndarray:
     return np.array([_iou(h >= t, m) for t in thresholds])
 
 
-iou_over_thresholds = iou_at_thresholds  # the name in CONTRACT.md
 
 
 def mean_iou(heatmap, mask, thresholds=THRESHOLDS) -> float:

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = {
     "full": [],
     "no_region_aca": ["loss.region=0", "loss.aca=0"],
-    # the demo's previous default: a learned spatial prior instead of the report-derived one
+    # a learned spatial prior instead of the report-derived one
     "no_location_prior": [
         "model.location_prior.enabled=false",
         "loss.rest=0",

@@ -9,7 +9,7 @@ Reads ``metrics.json`` and ``generated.jsonl`` written by ``main_report.py --eva
 against the synthetic generator's masks). The baseline writes the most common training report for
 every test image and is scored by the same ``engine.evaluate.score_reports``. Grounding has no
 baseline model; beside it stands the pointing-game accuracy of a peak placed at random (the mean
-area fraction of the leaf masks). Targets (issue "It learns, and it is fast"): clinical-efficacy
+area fraction of the leaf masks). Targets: clinical-efficacy
 micro-F1 (14 observations) >= 0.70 and clearly above the baseline, BLEU-4 >= 0.30, pointing game >=
 0.60 (over every leaf the generator draws; the pointing game over the leaves of the findings is
 shown too), mean signed finding CNR > 0.

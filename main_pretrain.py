@@ -23,7 +23,7 @@ def main(args):
     run = setup.prepare_training(cfg, info, run_dir)
 
     def validate(epoch, step):
-        losses = evaluate_loss(run.model, run.val_loader, info.device, cfg.train.amp)
+        losses = evaluate_loss(run.model, run.val_loader, info.device, cfg.train.amp, cfg.seed)
         metrics = {f"val/{k}": v for k, v in losses.items()}
         tb.add_scalars(metrics, step)
         print(f"[val] epoch {epoch}: " + "  ".join(f"{k}: {v:.4f}" for k, v in metrics.items()))

@@ -237,7 +237,7 @@ def build_dataset(cfg, split: str, train: bool, graph=None) -> CXRDataset:
     anatomies = (
         torch.stack(anat_rows) if samples else torch.zeros(0, graph.num_leaves, dtype=torch.bool)
     )
-    transform = build_transform(d.image_size, train, d.random_resized_crop)
+    transform = build_transform(d.image_size * d.sr_scale, train, d.random_resized_crop)
     ds = CXRDataset(samples, labels, anatomies, transform, d.skip_bad, str(ann), bad)
     if ds.bad_summary():
         log.warning("%s split %r:\n%s", ann, split, ds.bad_summary())

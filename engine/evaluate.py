@@ -29,17 +29,20 @@ from metrics.synthetic_grounding import (
 from models.report_decoder import decoding_options
 from utils.checkpoint import unwrap
 from utils.dist import all_reduce_sum, broadcast_object, gather_objects, is_main_process
+from utils.seed import sample_keys
 
 
 @torch.no_grad()
-def evaluate_loss(model, loader, device, amp="fp32") -> dict[str, float]:
-    """Sample-weighted mean of every loss term over the loader, all-reduced over ranks. (With a
+def evaluate_loss(model, loader, device, amp="fp32", seed: int = 0) -> dict[str, float]:
+    """Sample-weighted mean of every loss term over the loader, all-reduced over ranks; each sample's
+    random draws (masking) come from (seed, its index), the same at every evaluation. (With a
     padded DistributedSampler the few repeated samples count twice; the bias is negligible.)"""
     model.eval()
     dtype = resolve_amp(amp, device)
     keys, sums, count = None, None, 0
     for batch in loader:
         batch = to_device(batch, device)
+        batch["noise_key"] = sample_keys(seed, -1, batch["index"])
         with autocast(device, dtype):
             losses = model(batch)
         keys = keys or sorted(losses)

@@ -22,7 +22,7 @@ from engine.optim import autocast, resolve_amp
 from utils import lr_sched
 from utils.dist import all_reduce_sum, get_rank, get_world_size, is_main_process
 from utils.logging import MetricLogger, SmoothedValue
-from utils.seed import step_seed
+from utils.seed import sample_keys, step_seed
 
 
 def position_loader(loader, epoch: int, start_step: int):
@@ -162,6 +162,7 @@ def train_one_epoch(model, loader, optimizer, scaler, epoch: int, cfg, device, t
         group.dropped = group.dropped or _empty_on_any_rank(batch, cfg.data.skip_bad, device)
         if not group.dropped:
             batch = to_device(batch, device)
+            batch["noise_key"] = sample_keys(cfg.seed, epoch, batch["index"])  # per-sample draws
             no_sync = hasattr(model, "no_sync") and not last
             with model.no_sync() if no_sync else contextlib.nullcontext():
                 with autocast(device, dtype):

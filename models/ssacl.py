@@ -1,13 +1,14 @@
-"""SS-ACL: composes the anatomy-query ViT, the text encoder, the self-supervised losses and the
-report generator. ``forward(batch)`` returns the named losses and their weighted total;
-``generate(batch)`` and ``heatmaps(images)`` read the image alone.
+"""SS-ACL: composes the anatomy-query ViT, the text encoder, the self-supervised losses and the report
+generator. ``forward(batch)`` returns the named losses and their weighted total; ``generate(batch)``
+and ``heatmaps(images)`` read the image alone.
 
 One training step runs only what the enabled losses (weight > 0) need:
-  queries     text encoder on the leaf names -> linear -> leaf queries [K, D]; node queries [N, D]
-  unmasked    ViT pass with every query -> ACA, entity head, LM prefix, region target (detached)
-  masked      ViT pass with mask_ratio -> MAE, contrastive, region prediction
-  reports     text encoder on the reports -> pooled vectors [B, Dt] for contrastive and ACA
-A loss whose weight is 0 is neither built nor computed (DDP then sees no unused parameter).
+  queries   the text encoder on the leaf names -> linear -> leaf queries [K, D]; node queries [N, D]
+  unmasked  a ViT pass with the queries -> ACA, entity head, LM prefix, region target
+  masked    a ViT pass with mask_ratio -> MAE, contrastive, region prediction
+  reports   the text encoder on the reports -> pooled vectors [B, Dt] for contrastive and ACA
+Images may come at ``sr`` times the encoder's size (data.sr_scale): the MAE target; every encoder
+pass reads their resize. A loss whose weight is 0 is neither built nor computed.
 """
 
 from __future__ import annotations
@@ -15,20 +16,23 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from datasets.tokenizer import checkpoint_tokenizers, load_tokenizer
-from models.alignment import AnatomicalConsistency, ImageReportContrastive
+from models.consistency import AnatomicalConsistency
+from models.contrastive import ImageReportContrastive
 from models.entity_head import EntityHead, format_prompt
 from models.heatmaps import leaf_heatmaps
 from models.location_prior import estimate_location_prior, prior_bias, rest_loss
 from models.mae import MAEDecoder
-from models.region_recon import RegionDecoder
+from models.region_recon import PixelRegionReconstruction, RegionDecoder
 from models.report_decoder import build_report_decoder, visual_prefix
 from models.text_encoder import TextEncoder
 from models.vit import VisionTransformer
 from utils.checkpoint import count_parameters
 from utils.config import differences, with_defaults
+from utils.seed import sample_noise
 from vocab.anatomy_graph import AnatomyGraph, graph_from_name
 
 LOSSES = ("mae", "con", "region", "aca", "entity", "lm", "rest")
@@ -40,153 +44,120 @@ ATTENTION_LOSSES = {"entity", "rest"}
 
 
 class SSACL(nn.Module):
-    def __init__(
-        self,
-        vit: VisionTransformer,
-        text_encoder: TextEncoder,
-        graph: AnatomyGraph,
-        weights: dict[str, float],
-        mask_ratio: float = 0.5,
-        threshold: float = 0.5,
-        mae_decoder: MAEDecoder | None = None,
-        contrastive: ImageReportContrastive | None = None,
-        region_decoder: RegionDecoder | None = None,
-        aca: AnatomicalConsistency | None = None,
-        entity_head: EntityHead | None = None,
-        report_decoder: nn.Module | None = None,
-        spatial_prior: bool = False,
-        location_prior: bool = False,
-        location_prior_gain: float = 1.0,
-    ):
+    def __init__(self, vit: VisionTransformer, text_encoder: TextEncoder, graph: AnatomyGraph,
+                 weights: dict[str, float], mask_ratio: float = 0.5, threshold: float = 0.5,
+                 modules: dict[str, nn.Module] | None = None, temperature: float | None = None,
+                 leaf_query_embed: bool = False, spatial_prior: bool = False,
+                 location_prior: bool = False, location_prior_gain: float = 1.0):
+        """``modules``: the loss modules by name ("mae_decoder", "contrastive", "region", "aca",
+        "entity_head", "report_decoder"), those of disabled losses absent; ``temperature``: T of
+        the shared scale Tpar = 1/T (learnable) that the official contrastive and ACA forms use."""
         super().__init__()
         self.vit, self.text_encoder, self.graph = vit, text_encoder, graph
         self.mask_ratio, self.threshold = mask_ratio, threshold
+        modules = modules or {}
+        self.mae_decoder = modules.get("mae_decoder")
+        self.contrastive, self.region = modules.get("contrastive"), modules.get("region")
+        self.aca, self.entity_head = modules.get("aca"), modules.get("entity_head")
+        self.report_decoder = modules.get("report_decoder")
+        self.tpar = nn.Parameter(torch.tensor(1.0 / temperature)) if temperature else None
         self.query_proj = nn.Linear(text_encoder.hidden_size, vit.embed_dim)
         # per-leaf query embedding (init 0): names that read alike would otherwise attend alike
-        self.leaf_query_embed = nn.Parameter(torch.zeros(graph.num_leaves, vit.embed_dim))
+        self.leaf_query_embed = (nn.Parameter(torch.zeros(graph.num_leaves, vit.embed_dim))
+                                 if leaf_query_embed else None)
         # optional learned per-leaf attention logits over the patch grid [K, L] (init 0)
-        self.leaf_spatial_prior = (
-            nn.Parameter(torch.zeros(graph.num_leaves, vit.num_patches)) if spatial_prior else None
-        )
+        self.leaf_spatial_prior = (nn.Parameter(torch.zeros(graph.num_leaves, vit.num_patches))
+                                   if spatial_prior else None)
         # optional report-derived location prior [K, L]: zeros until estimated (fit_location_prior)
         self.location_prior_gain = location_prior_gain
-        if location_prior:
-            self.register_buffer("location_prior", torch.zeros(graph.num_leaves, vit.num_patches))
-        else:
-            self.location_prior = None
-        self.mae_decoder, self.contrastive, self.region_decoder = (
-            mae_decoder,
-            contrastive,
-            region_decoder,
-        )
-        self.aca, self.entity_head, self.report_decoder = aca, entity_head, report_decoder
+        self.register_buffer("location_prior", torch.zeros(graph.num_leaves, vit.num_patches)
+                             if location_prior else None)
         self.weights = {k: float(w) for k, w in weights.items() if w}  # the enabled terms
-        owner = {"mae": mae_decoder, "con": contrastive, "region": region_decoder, "aca": aca,
-                 "entity": entity_head, "lm": report_decoder, "rest": self.location_prior}
-        for k in self.weights:
+        self._check_losses()
+        ids, attn = text_encoder.tokenize(graph.leaf_names)
+        self.register_buffer("leaf_ids", ids, persistent=False)
+        self.register_buffer("leaf_attn", attn, persistent=False)
+        self.register_buffer("averaging", graph.averaging_matrix.clone(), persistent=False)  # [N, K]
+        self.register_buffer("leaf_node_index", graph.leaf_node_index, persistent=False)
+
+    def _check_losses(self) -> None:
+        owner = {"mae": self.mae_decoder, "con": self.contrastive, "region": self.region,
+                 "aca": self.aca, "entity": self.entity_head, "lm": self.report_decoder,
+                 "rest": self.location_prior}
+        for k, w in self.weights.items():
             if k not in owner:
                 raise ValueError(f"unknown loss {k!r} (known: {', '.join(LOSSES)})")
             if owner[k] is None:
                 what = "model.location_prior is off" if k == "rest" else "its module was not given"
-                raise ValueError(f"loss {k!r} has weight {self.weights[k]} but {what}")
-        ids, attn = text_encoder.tokenize(graph.leaf_names)
-        self.register_buffer("leaf_ids", ids, persistent=False)
-        self.register_buffer("leaf_attn", attn, persistent=False)
-        # [N, K]
-        self.register_buffer("averaging", graph.averaging_matrix.clone(), persistent=False)
-        self.register_buffer("leaf_node_index", graph.leaf_node_index, persistent=False)
+                raise ValueError(f"loss {k!r} has weight {w} but {what}")
+        official = [k for k in ("con", "aca") if k in self.weights and owner[k].form == "official"]
+        if official and self.tpar is None:
+            raise ValueError(f"the official {' and '.join(official)} form needs the shared Tpar")
+        if isinstance(self.region, PixelRegionReconstruction) and self.mae_decoder is None:
+            raise ValueError("the official region form decodes through the MAE decoder")
 
     @classmethod
-    def from_config(
-        cls, cfg, text_tokenizer, decoder_tokenizer, graph: AnatomyGraph | None = None
-    ) -> SSACL:
+    def from_config(cls, cfg, text_tokenizer, decoder_tokenizer,
+                    graph: AnatomyGraph | None = None) -> SSACL:
         graph = graph or graph_from_name(cfg.model.graph)
-        m, w, v, al = cfg.model, cfg.loss, cfg.model.vit, cfg.model.align
-        vit = VisionTransformer(
-            cfg.data.image_size,
-            v.patch_size,
-            v.embed_dim,
-            v.depth,
-            v.num_heads,
-            v.mlp_ratio,
-            stem=v.stem,
-        )
+        m, loss, v, al = cfg.model, cfg.loss, cfg.model.vit, cfg.model.align
+        vit = VisionTransformer(cfg.data.image_size, v.patch_size, v.embed_dim, v.depth, v.num_heads,
+                                v.mlp_ratio, stem=v.stem)
         if v.init:
             print(f"ViT init from {v.init}: {vit.load_mae_checkpoint(v.init)}")
         text = TextEncoder.from_config(m.text, text_tokenizer)
-        D, K = v.embed_dim, graph.num_leaves
-        mae = m.mae
-        return cls(
-            vit,
-            text,
-            graph,
-            weights={k: w[k] for k in LOSSES},
-            mask_ratio=mae.mask_ratio,
-            threshold=m.entity.threshold,
-            mae_decoder=MAEDecoder(
-                vit.grid,
-                v.patch_size,
-                3,
-                D,
-                mae.decoder_dim,
-                mae.decoder_depth,
-                mae.decoder_heads,
-                v.mlp_ratio,
-                mae.norm_pix_loss,
-            )
-            if w.mae
-            else None,
-            contrastive=ImageReportContrastive(
-                D, text.hidden_size, vit.num_patches, al.temperature, al.max_logit_scale
-            )
-            if w.con
-            else None,
-            region_decoder=RegionDecoder.from_graph(
-                graph,
-                D,
-                decoder_dim=m.region.decoder_dim,
-                depth=m.region.decoder_depth,
-                num_heads=m.region.decoder_heads,
-                mlp_ratio=v.mlp_ratio,
-            )
-            if w.region
-            else None,
-            aca=AnatomicalConsistency(
-                al.aca_identity_weight, al.aca_temperature, al.aca_text_temperature
-            )
-            if w.aca
-            else None,
-            entity_head=EntityHead(D, 14, K, m.entity.hidden_dim) if w.entity else None,
-            report_decoder=build_report_decoder(m.decoder, decoder_tokenizer, D) if w.lm else None,
-            spatial_prior=m.spatial_prior,
-            location_prior=m.location_prior.enabled,
-            location_prior_gain=m.location_prior.gain,
-        )
+        on = {k: loss[k].weight > 0 for k in LOSSES}
+        official = {k: on[k] and loss[k].form == "official" for k in ("con", "region", "aca")}
+        D, modules = v.embed_dim, {}
+        if on["mae"] or official["region"]:
+            modules["mae_decoder"] = MAEDecoder(
+                vit.grid, v.patch_size, 3, D, m.mae.decoder_dim, m.mae.decoder_depth,
+                m.mae.decoder_heads, v.mlp_ratio, m.mae.norm_pix_loss, cfg.data.sr_scale)
+            # without L_mae only the token path serves (region): the mask token stays out of training
+            modules["mae_decoder"].mask_token.requires_grad_(on["mae"])
+        if on["con"]:
+            modules["contrastive"] = ImageReportContrastive(
+                D, text.hidden_size, vit.num_patches, loss.con.form, al.temperature, al.max_logit_scale)
+        if on["region"]:
+            r = m.region
+            modules["region"] = (PixelRegionReconstruction(graph) if official["region"] else RegionDecoder(
+                graph, D, r.decoder_dim, r.decoder_depth, r.decoder_heads, v.mlp_ratio))
+        if on["aca"]:
+            modules["aca"] = AnatomicalConsistency(loss.aca.form, al.aca_identity_weight,
+                                                   al.aca_temperature, al.aca_text_temperature)
+        if on["entity"]:
+            modules["entity_head"] = EntityHead(D, 14, graph.num_leaves, m.entity.hidden_dim)
+        if on["lm"]:
+            modules["report_decoder"] = build_report_decoder(m.decoder, decoder_tokenizer, D)
+        return cls(vit, text, graph, weights={k: loss[k].weight for k in LOSSES},
+                   mask_ratio=m.mae.mask_ratio, threshold=m.entity.threshold, modules=modules,
+                   temperature=al.temperature if official["con"] or official["aca"] else None,
+                   leaf_query_embed=m.leaf_query_embed, spatial_prior=m.spatial_prior,
+                   location_prior=m.location_prior.enabled, location_prior_gain=m.location_prior.gain)
 
     @classmethod
     def from_checkpoint(cls, path, cfg, device) -> SSACL:
         """The SSACL of a checkpoint, for evaluation / prediction: architecture (model, loss
         weights, image size) and tokenizers from the checkpoint and its run dir, weights loaded
         strictly. ``cfg`` is updated in place with those sections (data paths and eval settings
-        stay the caller's); a model key newer than the checkpoint takes its default."""
+        stay the caller's); a model key newer than the checkpoint takes its default. Images are
+        then read at the encoder's size (no super-resolution target is needed to generate)."""
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         saved, source = ckpt["config"], f"{path} (its stored config)"
         stored = {"model": with_defaults("model", saved["model"], source),
                   "loss": with_defaults("loss", saved["loss"], source)}
         ignored = differences({k: cfg[k] for k in stored}, stored)
         if ignored:
-            print(
-                f"{path}: the checkpoint's model and loss settings are used; ignored: "
-                + ", ".join(f"{k}={mine!r} (checkpoint: {theirs!r})" for k, mine, theirs in ignored)
-            )
+            print(f"{path}: the checkpoint's model and loss settings are used; ignored: "
+                  + ", ".join(f"{k}={mine!r} (checkpoint: {theirs!r})" for k, mine, theirs in ignored))
         cfg.model, cfg.loss = stored["model"], stored["loss"]
         cfg.data.image_size = saved["data"]["image_size"]
+        cfg.data.sr_scale = saved["data"].get("sr_scale", 1)
         cfg.model.vit.init = None  # the checkpoint holds the weights
         folders = checkpoint_tokenizers(path)
-        model = cls.from_config(
-            cfg, load_tokenizer(folders["text"]), load_tokenizer(folders["decoder"])
-        )
+        model = cls.from_config(cfg, load_tokenizer(folders["text"]), load_tokenizer(folders["decoder"]))
         model.load_state_dict(ckpt["model"])
+        cfg.data.sr_scale = 1
         print(f"loaded {Path(path)} (epoch {ckpt.get('epoch')}, step {ckpt.get('step')}): "
               f"{count_parameters(model)}")
         return model.to(device)
@@ -198,9 +169,10 @@ class SSACL(nn.Module):
 
     def leaf_queries(self) -> torch.Tensor:
         """[K, D]: the text encoder's pooled embedding of each leaf name, projected to the ViT
-        width, plus the leaf's learned query embedding."""
+        width (plus the learned per-leaf embedding when model.leaf_query_embed is on)."""
         _, pooled = self.text_encoder.encode(self.leaf_ids, self.leaf_attn)
-        return self.query_proj(pooled) + self.leaf_query_embed
+        queries = self.query_proj(pooled)
+        return queries + self.leaf_query_embed if self.leaf_query_embed is not None else queries
 
     def node_queries(self, leaf_queries: torch.Tensor) -> torch.Tensor:
         """[N, D]: every inner node the mean of its children, as one matmul."""
@@ -215,6 +187,7 @@ class SSACL(nn.Module):
     def fit_location_prior(self, batches) -> None:
         """Estimate the location prior from training batches ("image", "anatomies"), summed over
         ranks."""
+        batches = ({**b, "image": self.encoder_images(b["image"])} for b in batches if b is not None)
         prior = estimate_location_prior(batches, self.graph.num_leaves, self.vit.img_size,
                                         self.vit.patch_size, self.location_prior.device)
         self.location_prior.copy_(prior)
@@ -229,8 +202,7 @@ class SSACL(nn.Module):
     def query_bias(self, all_nodes: bool = False) -> torch.Tensor | None:
         """The spatial priors as ViT ``query_bias``: [K, L] for the leaves, [N, L] (children
         averaged) for every node; None when both are off. The learned one is scaled by PRIOR_GAIN
-        so Adam moves it at logit pace; the report-derived one adds ``prior_bias`` once
-        estimated."""
+        so Adam moves it at logit pace; the report-derived one adds ``prior_bias`` once estimated."""
         terms = []
         if self.leaf_spatial_prior is not None:
             terms.append(PRIOR_GAIN * self.leaf_spatial_prior)
@@ -240,6 +212,15 @@ class SSACL(nn.Module):
             return None
         bias = sum(terms)
         return self.averaging.to(bias.dtype) @ bias if all_nodes else bias
+
+    def encoder_images(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> the encoder's input: a bicubic resize to the ViT's size when they differ
+        (super-resolution data)."""
+        size = self.vit.img_size
+        if images.shape[-2:] == (size, size):
+            return images
+        return F.interpolate(images, size=(size, size), mode="bicubic", antialias=True,
+                             align_corners=False)
 
     def _finding_leaves(self, batch, batch_size: int, device) -> torch.Tensor:
         """[B, K] bool: the leaves of each report's findings (all False for a normal study)."""
@@ -251,14 +232,12 @@ class SSACL(nn.Module):
     # ------------------------------------------------------------------ training
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         images = batch["image"]
+        inputs = self.encoder_images(images)
         B, enabled = images.shape[0], self.weights.keys()
         if "lm" in enabled:  # the reference labels' prompt, read before any GPU work is queued
             labels = batch.get("labels")
-            prompts = (
-                EntityHead.prompt(labels, self.threshold)
-                if labels is not None
-                else [format_prompt([])] * B
-            )
+            prompts = (EntityHead.prompt(labels, self.threshold) if labels is not None
+                       else [format_prompt([])] * B)
         finding_leaves = self._finding_leaves(batch, B, images.device)
         all_nodes = "region" in enabled
         leaf_queries = self.leaf_queries()
@@ -267,16 +246,16 @@ class SSACL(nn.Module):
         losses: dict[str, torch.Tensor] = {}
 
         if enabled & UNMASKED_LOSSES:
-            unmasked = self.vit(
-                images, queries, return_attn=bool(enabled & ATTENTION_LOSSES), query_bias=bias
-            )
-            # [B, K, D], [B, K, L]
-            leaf_tokens, leaf_attn = unmasked["queries"], unmasked.get("attn")
+            with_attn = bool(enabled & ATTENTION_LOSSES)
+            unmasked = self.vit(inputs, queries, return_attn=with_attn, query_bias=bias)
+            leaf_tokens, leaf_attn = unmasked["queries"], unmasked.get("attn")  # [B, K, D], [B, K, L]
             if all_nodes:
                 leaf_tokens = leaf_tokens[:, self.leaf_node_index]
-                leaf_attn = leaf_attn[:, self.leaf_node_index] if leaf_attn is not None else None
-        if enabled & MASKED_LOSSES:
-            masked = self.vit(images, queries, mask_ratio=self.mask_ratio, query_bias=bias)
+                leaf_attn = leaf_attn[:, self.leaf_node_index] if with_attn else None
+        if enabled & MASKED_LOSSES:  # masking noise per sample when the engine gives its keys
+            keys = batch.get("noise_key")
+            noise = sample_noise(keys, self.vit.num_patches) if keys is not None else None
+            masked = self.vit(inputs, queries, mask_ratio=self.mask_ratio, query_bias=bias, noise=noise)
         if enabled & REPORT_LOSSES:
             _, report_vectors = self.text_encoder.encode_texts(batch["report"], images.device)
 
@@ -284,27 +263,26 @@ class SSACL(nn.Module):
             pred = self.mae_decoder(masked["cls"], masked["patches"], masked["ids_restore"])
             losses["mae"] = self.mae_decoder.loss(images, pred, masked["mask"])
         if "con" in enabled:
-            losses["con"] = self.contrastive(masked["patches"], report_vectors, masked["mask"])
+            losses["con"] = self.contrastive(masked["patches"], report_vectors, masked["mask"], self.tpar)
         if "region" in enabled:
-            losses["region"] = self.region_decoder(masked["queries"], unmasked["queries"].detach())
+            if isinstance(self.region, PixelRegionReconstruction):
+                losses["region"] = self.region(masked["queries"], unmasked["queries"], self.mae_decoder)
+            else:
+                losses["region"] = self.region(masked["queries"], unmasked["queries"].detach())
         if "aca" in enabled:
-            losses["aca"] = self.aca(leaf_tokens, report_vectors.detach())
+            losses["aca"] = self.aca(leaf_tokens, report_vectors.detach(), self.tpar)
         if "entity" in enabled:
-            obs, anat = self.entity_head(
-                unmasked["cls"], unmasked["patches"], unmasked["local"], leaf_attn
-            )
+            obs, anat = self.entity_head(unmasked["cls"], unmasked["patches"], unmasked["local"],
+                                         leaf_attn)
             losses["entity"] = self.entity_head.loss(obs, anat, batch["labels"], finding_leaves)
         if "rest" in enabled:
             losses["rest"] = rest_loss(leaf_attn, self.location_prior, finding_leaves)
         if "lm" in enabled:
             shown = EntityHead.leaves_shown(finding_leaves)
-            visual, visual_mask = visual_prefix(
-                leaf_tokens, unmasked["cls"], unmasked["patches"], shown
-            )
+            visual, visual_mask = visual_prefix(leaf_tokens, unmasked["cls"], unmasked["patches"], shown)
             losses["lm"] = self.report_decoder(visual, visual_mask, prompts, batch["report"])
-        losses["loss"] = sum(
-            (w * losses[k].float() for k, w in self.weights.items()), images.new_zeros(())
-        )
+        total = images.new_zeros((), dtype=torch.float32)
+        losses["loss"] = sum((w * losses[k].float() for k, w in self.weights.items()), total)
         return losses
 
     # ------------------------------------------------------------------ inference
@@ -317,22 +295,20 @@ class SSACL(nn.Module):
         ...). Returns [{"id", "report", "entities", "anatomies"}] per image."""
         if self.report_decoder is None:
             raise ValueError("generate needs the report decoder (loss.lm > 0)")
-        images = batch["image"]
+        images = self.encoder_images(batch["image"])
         B = images.shape[0]
         out = self.vit(images, self.leaf_queries(), return_attn=self.entity_head is not None,
                        query_bias=self.query_bias())
         if self.entity_head is not None:
-            obs_logits, anat_logits = self.entity_head(
-                out["cls"], out["patches"], out["local"], out["attn"]
-            )
+            obs_logits, anat_logits = self.entity_head(out["cls"], out["patches"], out["local"],
+                                                       out["attn"])
             entities, shown = self.entity_head.predict(obs_logits, anat_logits, self.threshold)
         else:
             entities = [[] for _ in range(B)]
             shown = torch.ones(B, self.graph.num_leaves, dtype=torch.bool, device=images.device)
         visual, visual_mask = visual_prefix(out["queries"], out["cls"], out["patches"], shown)
-        reports = self.report_decoder.generate(
-            visual, visual_mask, [format_prompt(e) for e in entities], **decoding
-        )
+        prompts = [format_prompt(e) for e in entities]
+        reports = self.report_decoder.generate(visual, visual_mask, prompts, **decoding)
         return [{"id": i, "report": r, "entities": e,
                  "anatomies": [n for n, on in zip(self.leaf_names, leaves) if on]}
                 for i, r, e, leaves in zip(batch["id"], reports, entities, shown.tolist())]
@@ -340,13 +316,11 @@ class SSACL(nn.Module):
     @torch.no_grad()
     def heatmaps(self, images: torch.Tensor) -> torch.Tensor:
         """[B, K, H, W] in [0, 1]: each leaf query's last-layer attention to the patches (heads
-        averaged), upsampled to the image and smoothed (models/heatmaps.py)."""
-        attn = self.vit(
-            images, self.leaf_queries(), return_attn=True, query_bias=self.query_bias()
-        )["attn"]
+        averaged), upsampled to the given images' size and smoothed (models/heatmaps.py)."""
+        queries, bias = self.leaf_queries(), self.query_bias()
+        attn = self.vit(self.encoder_images(images), queries, return_attn=True, query_bias=bias)["attn"]
         return leaf_heatmaps(attn.float(), self.vit.grid, tuple(images.shape[-2:]))
 
     def lr_scales(self, lm_scale: float) -> dict[str, float]:
-        """Parameter-name prefix -> learning-rate multiplier (the LM's
-        ``model.decoder.lr_scale``)."""
+        """Parameter-name prefix -> learning-rate multiplier (the LM's model.decoder.lr_scale)."""
         return {"report_decoder.lm.": lm_scale}

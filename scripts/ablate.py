@@ -1,5 +1,5 @@
 """Does the method matter? The demo pipeline with and without region reconstruction + anatomical
-consistency alignment (loss.region = 0, loss.aca = 0 in pretraining), same data, budget and seed.
+consistency alignment (loss.region.weight = 0, loss.aca.weight = 0), same data, budget and seed.
 
     python scripts/ablate.py                                  # trains both variants (2 x the demo's time)
     python scripts/ablate.py --reuse-full output/demo_report  # reuse the demo run as the full variant
@@ -8,7 +8,7 @@ consistency alignment (loss.region = 0, loss.aca = 0 in pretraining), same data,
 Each variant runs main_pretrain.py (configs/demo.yaml), main_report.py fine-tuning
 (configs/demo_report.yaml, from that variant's pretraining checkpoint) and main_report.py --eval on
 the test split, as subprocesses under OUT/<variant>_{pretrain,report}; its overrides apply to both
-training stages (loss.region and loss.aca are 0 in fine-tuning anyway). Then the models' grounding
+training stages (both are 0 in fine-tuning anyway). Then the models' grounding
 and clinical / language figures are printed side by side and written to OUT/ablation.json.
 """
 
@@ -25,11 +25,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 VARIANTS = {
     "full": [],
-    "no_region_aca": ["loss.region=0", "loss.aca=0"],
+    "no_region_aca": ["loss.region.weight=0", "loss.aca.weight=0"],
     # a learned spatial prior instead of the report-derived one
     "no_location_prior": [
         "model.location_prior.enabled=false",
-        "loss.rest=0",
+        "loss.rest.weight=0",
         "model.spatial_prior=true",
     ],
 }

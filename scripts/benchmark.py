@@ -168,7 +168,8 @@ def synthetic_studies(n: int, size: int, seed: int = 0) -> list[dict]:
 def make_batch(cfg, studies: list[dict], graph, device: torch.device) -> dict:
     """A collated batch (datasets/cxr.py's format) of synthetic studies, on ``device``."""
     imgs = torch.stack([torch.from_numpy(s["image"]).float().div(255) for s in studies])[:, None]
-    imgs = torch.nn.functional.interpolate(imgs, size=(cfg.data.image_size,) * 2, mode="bilinear",
+    size = cfg.data.image_size * cfg.data.sr_scale  # the loaded images (the MAE target's size)
+    imgs = torch.nn.functional.interpolate(imgs, size=(size,) * 2, mode="bilinear",
                                            antialias=True, align_corners=False)
     anat = []
     for s in studies:
@@ -359,7 +360,7 @@ def run_one(
     g = graph_from_name(graph)
     B = batch_size or cfg.data.batch_size
     GB = gen_batch_size or B
-    studies = synthetic_studies(max(B, GB, 64), cfg.data.image_size)
+    studies = synthetic_studies(max(B, GB, 64), cfg.data.image_size * cfg.data.sr_scale)
     model = build_model(cfg, dev, [s["report"] for s in studies])
     params = sum(p.numel() for p in model.parameters())
     result = {
@@ -368,7 +369,7 @@ def run_one(
         "graph": graph,
         "graph_nodes": len(g.names),
         "graph_leaves": g.num_leaves,
-        "query_tokens": len(g.names) if cfg.loss.region else g.num_leaves,
+        "query_tokens": len(g.names) if cfg.loss.region.weight else g.num_leaves,
         "device": str(dev),
         "device_name": device_name(dev),
         "threads": torch.get_num_threads(),

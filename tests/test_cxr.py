@@ -37,7 +37,7 @@ def make_data(tmp_path, records, **overrides):
     write_images(root)
     ann = tmp_path / "annotation.json"
     ann.write_text(json.dumps({"train": records, "val": records[:1]}))
-    sets = [f"data.annotation={ann}", f"data.image_root={root}", "data.image_size=16"]
+    sets = [f"data.annotation={ann}", f"data.image_root={root}", "data.image_size=16", "data.sr_scale=1"]
     return load_config(overrides=sets + [f"{k}={v}" for k, v in overrides.items()]), ann
 
 
@@ -73,6 +73,8 @@ def test_dataset_items_and_first_frontal_vs_all(tmp_path):
     assert item["image"].shape == (3, 16, 16) and item["image"].dtype == torch.float32
     assert torch.allclose(item["image"], torch.full((3, 16, 16), norm(100 / 255)), atol=1e-6)
     assert torch.allclose(ds[2]["image"], torch.full((3, 16, 16), norm(30000 / 65535)), atol=1e-6)
+    cfg.data.sr_scale = 2  # super-resolution data: images at twice the encoder's size
+    assert build_dataset(cfg, "train", train=False)[0]["image"].shape == (3, 32, 32)
     assert item["report"] == "the heart size is normal . no pleural effusion ."
     # uncertain -> negative
     assert item["labels"].tolist() == [1, 0, 0, 0] + [0] * 9 + [0]

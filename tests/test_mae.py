@@ -93,3 +93,18 @@ def test_reconstruction_learns(one_thread):
         losses.append(loss.item())
     assert all(p.grad is not None for p in dec.parameters())
     assert sum(losses[-5:]) < 0.5 * sum(losses[:5])
+
+
+def test_super_resolution_target_predicts_the_2x_patches():
+    """data.sr_scale 2: each of the 2 x 2 patches predicts its 4 x 4 pixels of the 8 x 8 image."""
+    torch.manual_seed(0)
+    dec = MAEDecoder((2, 2), patch_size=2, embed_dim=8, decoder_dim=8, decoder_depth=1,
+                     decoder_heads=2, target_scale=2)
+    big = torch.randn(1, 3, 8, 8)
+    pred = dec(torch.randn(1, 8), torch.randn(1, 2, 8), torch.tensor([[0, 1, 2, 3]]))
+    assert pred.shape == (1, 4, 4 * 4 * 3)
+    mask = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    target = torch.stack([big[0, :, r : r + 4, c : c + 4].permute(1, 2, 0).reshape(-1)
+                          for r in (0, 4) for c in (0, 4)])  # row-major patches, pixels (p, q, c)
+    expect = (pred[0, 2:] - target[2:]).pow(2).mean()
+    torch.testing.assert_close(dec.loss(big, pred, mask), expect)

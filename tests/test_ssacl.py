@@ -13,6 +13,7 @@ from vocab.observations import CHEXPERT_OBSERVATIONS
 GRAPH = AnatomyGraph.default()
 TINY = [
     "data.image_size=32",
+    "data.sr_scale=1",
     "model.vit.patch_size=8",
     "model.vit.embed_dim=32",
     "model.vit.depth=2",
@@ -72,19 +73,21 @@ def tokenizers(batch):
 
 def build(tokenizers, seed=0, overrides=(), **weights):
     cfg = load_config(
-        overrides=TINY + list(overrides) + [f"loss.{k}={v}" for k, v in weights.items()]
+        overrides=TINY + list(overrides) + [f"loss.{k}.weight={v}" for k, v in weights.items()]
     )
     torch.manual_seed(seed)
     return SSACL.from_config(cfg, *tokenizers)
 
 
-def test_all_losses_and_every_parameter_gets_a_gradient(tokenizers, batch):
-    # the prior's gradient included
-    model = build(tokenizers, overrides=["model.spatial_prior=true"])
+@pytest.mark.parametrize("form", ["official", "project"])
+def test_all_losses_and_every_parameter_gets_a_gradient(tokenizers, batch, form):
+    # the priors' and the per-leaf embedding's gradients included
+    forms = [f"loss.{k}.form={form}" for k in ("con", "region", "aca")]
+    model = build(tokenizers, overrides=["model.spatial_prior=true", "model.leaf_query_embed=true", *forms])
     out = model(batch)
     assert set(out) == {"loss", *ALL}
     cfg = load_config()
-    total = sum(cfg.loss[k] * out[k] for k in ALL)
+    total = sum(cfg.loss[k].weight * out[k] for k in ALL)
     torch.testing.assert_close(out["loss"], total)
     assert all(out[k].dim() == 0 and torch.isfinite(out[k]) for k in out)
     out["loss"].backward()
@@ -96,25 +99,18 @@ def test_all_losses_and_every_parameter_gets_a_gradient(tokenizers, batch):
     groups = param_groups(model, 0.05, model.lr_scales(0.25))
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
-    assert no_decay >= {
-        "vit.cls_token",
-        "contrastive.logit_scale",
-        "leaf_spatial_prior",
-        "leaf_query_embed",
-    }
+    scale = "tpar" if form == "official" else "contrastive.logit_scale"
+    assert no_decay >= {"vit.cls_token", scale, "leaf_spatial_prior", "leaf_query_embed"}
+    assert (model.tpar is not None) == (form == "official")
     lm = {names[id(p)] for g in groups if g["lr_scale"] == 0.25 for p in g["params"]}
     assert lm == {n for n in names.values() if n.startswith("report_decoder.lm.")}
 
 
 def test_zero_weight_terms_are_neither_built_nor_computed(tokenizers, batch):
     model = build(tokenizers, lm=0, entity=0, region=0)
-    assert (
-        model.report_decoder is None and model.entity_head is None and model.region_decoder is None
-    )
-    assert not any(
-        n.startswith(("report_decoder", "entity_head", "region_decoder"))
-        for n, _ in model.named_parameters()
-    )
+    assert model.report_decoder is None and model.entity_head is None and model.region is None
+    built = {n.split(".")[0] for n, _ in model.named_parameters()}
+    assert not built & {"report_decoder", "entity_head", "region"}
     out = model(batch)
     assert set(out) == {"loss", "mae", "con", "aca"}
     out["loss"].backward()
@@ -123,8 +119,11 @@ def test_zero_weight_terms_are_neither_built_nor_computed(tokenizers, batch):
     # autograd graph (a zero gradient, so DDP sees no unused parameter)
     ssl = build(tokenizers, lm=0, entity=0, mae=0)
     ssl(batch)["loss"].backward()
-    assert [n for n, p in ssl.named_parameters() if p.grad is None] == []
-    assert [n for n, p in ssl.named_parameters() if p.grad.abs().sum() == 0] == ["vit.cls_token"]
+    trained = [(n, p) for n, p in ssl.named_parameters() if p.requires_grad]
+    assert [n for n, p in trained if p.grad is None] == []
+    assert [n for n, p in trained if p.grad.abs().sum() == 0] == ["vit.cls_token"]
+    # the official region form decodes through the MAE decoder; its mask token is not trained
+    assert ssl.mae_decoder is not None and not ssl.mae_decoder.mask_token.requires_grad
     with pytest.raises(ValueError, match="report decoder"):
         ssl.generate(batch)
 
@@ -195,7 +194,7 @@ def test_generate_and_heatmaps_from_the_image_only(tokenizers, batch):
 def test_vit_init_from_mae_checkpoint(tokenizers, tmp_path):
     src = build(tokenizers, seed=5).vit
     torch.save({"model": src.state_dict()}, tmp_path / "mae.pth")
-    cfg = load_config(overrides=TINY + [f"model.vit.init={tmp_path / 'mae.pth'}", "loss.lm=0"])
+    cfg = load_config(overrides=TINY + [f"model.vit.init={tmp_path / 'mae.pth'}", "loss.lm.weight=0"])
     model = SSACL.from_config(cfg, *tokenizers)
     for k, v in src.state_dict().items():
         assert torch.equal(model.vit.state_dict()[k], v)
@@ -263,7 +262,7 @@ def test_location_prior_steers_each_leaf_to_its_patch_and_travels_in_the_state_d
         plain = build(tokenizers)
         # not so without the prior
         assert (peaks(plain) == target).float().mean() < 0.5
-    rest = build(tokenizers, overrides=["model.location_prior.enabled=true", "loss.rest=1.0"])
+    rest = build(tokenizers, overrides=["model.location_prior.enabled=true", "loss.rest.weight=1.0"])
     rest.location_prior.copy_(model.location_prior)
     # every loss, all graph nodes
     out = rest(batch)
@@ -271,12 +270,12 @@ def test_location_prior_steers_each_leaf_to_its_patch_and_travels_in_the_state_d
     # the leaf attention learns from it
     out["rest"].backward()
     assert (
-        rest.leaf_query_embed.grad.abs().sum() > 0
+        rest.query_proj.weight.grad.abs().sum() > 0
         and rest.vit.blocks[-1].attn.qkv.weight.grad.abs().sum() > 0
     )
     with pytest.raises(ValueError, match="'rest'"):
         # needs the location prior
-        build(tokenizers, overrides=["loss.rest=1.0"])
+        build(tokenizers, overrides=["loss.rest.weight=1.0"])
     fresh = build(tokenizers, seed=1, overrides=["model.location_prior.enabled=true"])
     fresh.load_state_dict(model.state_dict())
     assert not fresh.needs_location_prior and torch.equal(

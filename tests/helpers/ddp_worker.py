@@ -1,9 +1,9 @@
 """Launched by tests/test_train.py with ``python -m`` (one process) or ``torchrun`` (two): one
 epoch of the real SS-ACL through engine.train, then optionally generation over a split.
 
-Made deterministic across process counts: no augmentation (eval transform on train), dropout off,
-and MAE masking noise drawn per sample from its dataset index (the model draws it from the global
-RNG). Plain SGD without clipping, so that the parameters are a linear function of the gradients.
+Deterministic across process counts without patching the model: no augmentation (eval transform
+on train), dropout off, and every other random draw (masking) comes from the sample's (seed, epoch,
+dataset index). Plain SGD without clipping: the parameters are a linear function of the gradients.
 """
 import argparse
 from pathlib import Path
@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import models.vit as vit
 from datasets.cxr import build_dataset
 from datasets.loaders import eval_loader, train_loader
 from datasets.tokenizer import load_tokenizer
@@ -25,28 +24,6 @@ from utils.dist import cleanup, init_distributed
 from utils.lr_sched import param_groups
 
 
-def per_sample_masking():
-    """Masking noise of each sample from a generator seeded by its dataset index."""
-    current = {}
-    forward, masking = SSACL.forward, vit.random_masking
-
-    def ssacl_forward(self, batch):
-        current["index"] = batch["index"].tolist()
-        return forward(self, batch)
-
-    def random_masking(batch, length, mask_ratio, device, noise=None):
-        if noise is None and current.get("index") and len(current["index"]) == batch:
-            noise = torch.stack(
-                [
-                    torch.rand(length, generator=torch.Generator().manual_seed(1000 + i))
-                    for i in current["index"]
-                ]
-            ).to(device)
-        return masking(batch, length, mask_ratio, device, noise)
-
-    SSACL.forward, vit.random_masking = ssacl_forward, random_masking
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--config", required=True)
@@ -56,8 +33,6 @@ def main():
     args = p.parse_args()
     cfg = load_config(args.config, args.set)
     info = init_distributed(cfg.dist.backend, cfg.device)
-    per_sample_masking()
-
     train_set = build_dataset(cfg, "train", train=False)
     text_tok, dec_tok = (
         load_tokenizer(cfg.model.text.tokenizer),

@@ -12,6 +12,7 @@ train.best_metric on VAL).
 from __future__ import annotations
 
 from engine import setup
+from engine.calibrate import calibrate_entity_thresholds
 from engine.evaluate import evaluate_loss
 from engine.train import train_epochs
 from utils.dist import cleanup
@@ -25,6 +26,9 @@ def main(args):
     def validate(epoch, step):
         losses = evaluate_loss(run.model, run.val_loader, info.device, cfg.train.amp, cfg.seed)
         metrics = {f"val/{k}": v for k, v in losses.items()}
+        if cfg.model.entity.calibrate:
+            thresholds = calibrate_entity_thresholds(run.model, run.val_loader, info.device, cfg.train.amp)
+            metrics.update({f"val/{k}": v for k, v in thresholds.items()})
         tb.add_scalars(metrics, step)
         print(f"[val] epoch {epoch}: " + "  ".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
         return metrics

@@ -18,6 +18,7 @@ import json
 from datasets.cxr import build_dataset
 from datasets.loaders import eval_loader
 from engine import setup
+from engine.calibrate import calibrate_entity_thresholds
 from engine.evaluate import generate_and_score
 from engine.predict import predict_images_from_config
 from engine.train import train_epochs
@@ -51,6 +52,8 @@ def finetune(cfg):
     run = setup.prepare_training(cfg, info, run_dir)
 
     def validate(epoch, step):
+        if cfg.model.entity.calibrate:
+            calibrate_entity_thresholds(run.model, run.val_loader, info.device, cfg.train.amp)
         val = generate_and_score(
             run.model,
             run.val_loader,

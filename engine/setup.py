@@ -106,8 +106,9 @@ def prepare_training(cfg, info: DistInfo, run_dir: Path) -> TrainingRun:
 
     model = SSACL.from_config(cfg, text_tok, dec_tok)  # loads model.vit.init (an MAE ViT) if set
     if pretrained:
-        state = torch.load(pretrained, map_location="cpu", weights_only=True)
-        print(f"pretrained {pretrained}: {load_partial(model, state)}")
+        load_pretrained(model, pretrained, cfg.train.allow_partial)
+    if model.entity_head is not None:  # positive weights of the imbalanced targets
+        model.entity_head.set_prevalence(train_set.labels, train_set.anatomies, cfg.model.entity.max_pos_weight)
     model.to(info.device)
     print(f"model: {count_parameters(model)}; losses {model.weights}")
     optimizer, scaler = build_optimizer(cfg, model, info)
@@ -140,3 +141,17 @@ def ensure_location_prior(model: SSACL, cfg, info: DistInfo) -> None:
         f"location prior: estimating from {min(limit, len(dataset)) if limit > 0 else len(dataset)} training images"
     )
     model.fit_location_prior(subset_loader(dataset, limit, cfg, info))
+
+
+def load_pretrained(model: SSACL, path, allow_partial: bool = False) -> None:
+    """The weights of an SS-ACL checkpoint (grid-shaped entries resized to this resolution). Keys of
+    modules this model does not build are skipped; a model key left unfilled or of another shape is
+    an error naming the keys unless ``allow_partial`` (train.allow_partial)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    report = load_partial(model, model.adapt_state_dict(state["model"]))
+    print(f"pretrained {path}: {report}")
+    mismatched = [k for k, why in report.skipped.items() if why.startswith("shape")]
+    if (report.missing or mismatched) and not allow_partial:
+        raise ValueError(f"{path} does not fill this model (train.allow_partial=false): missing "
+                         f"{report.missing[:12]}{' ...' if len(report.missing) > 12 else ''}, "
+                         f"shape mismatch {mismatched}")

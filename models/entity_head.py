@@ -35,7 +35,7 @@ def format_prompt(entities: list[str]) -> str:
     return f"Findings: {', '.join(names) if names else 'none'}."
 
 
-def observation_names(obs: torch.Tensor, threshold: float = 0.5) -> list[list[str]]:
+def observation_names(obs: torch.Tensor, threshold=0.5) -> list[list[str]]:
     """Probabilities (or 0/1 labels) ``[B,14]`` -> predicted observation names per row, CheXpert
     order. "No Finding" is kept only when nothing but Support Devices is predicted beside it."""
     out = []
@@ -47,52 +47,97 @@ def observation_names(obs: torch.Tensor, threshold: float = 0.5) -> list[list[st
     return out
 
 
+LOSS_FORMS = ("weighted", "bce", "focal")
+
+
 class EntityHead(nn.Module):
-    def __init__(
-        self, dim: int, num_observations: int = 14, num_leaves: int = 25, hidden_dim: int = 0
-    ):
+    """Observation and anatomy logits from the image tokens, with what imbalance needs: positive
+    weights from the training prevalence (``set_prevalence``; the "weighted" loss), or a focal loss,
+    and one decision threshold per observation and per leaf (``set_thresholds``, chosen on the
+    validation split). Weights and thresholds are buffers: they travel with the checkpoint."""
+
+    def __init__(self, dim: int, num_observations: int = 14, num_leaves: int = 25, hidden_dim: int = 0,
+                 loss: str = "weighted", threshold: float = 0.5, focal_gamma: float = 2.0):
         super().__init__()
+        if loss not in LOSS_FORMS:
+            raise ValueError(f"model.entity.loss must be one of {', '.join(LOSS_FORMS)}, got {loss!r}")
         self.num_observations, self.num_leaves = num_observations, num_leaves
+        self.loss_form, self.focal_gamma = loss, focal_gamma
         self.obs_head = _head(3 * dim, num_observations, hidden_dim)
-        self.anat_head = _head(dim, 1, hidden_dim)            # shared over leaves
+        self.anat_head = _head(dim, 1, hidden_dim)  # shared over leaves
         self.anat_bias = nn.Parameter(torch.zeros(num_leaves))  # per-leaf prior
         self.norm = nn.LayerNorm(dim)
+        self.register_buffer("obs_pos_weight", torch.ones(num_observations))
+        self.register_buffer("anat_pos_weight", torch.ones(num_leaves))
+        self.register_buffer("obs_threshold", torch.full((num_observations,), float(threshold)))
+        self.register_buffer("anat_threshold", torch.full((num_leaves,), float(threshold)))
 
-    def forward(
-        self, cls: torch.Tensor, patches: torch.Tensor, local: torch.Tensor, leaf_attn: torch.Tensor
-    ):
+    def forward(self, cls: torch.Tensor, patches: torch.Tensor, local: torch.Tensor,
+                leaf_attn: torch.Tensor):
         """``cls [B,D]``, ``patches [B,L,D]`` (encoder output), ``local [B,L,D]`` (the patch
-        embeddings before any attention), ``leaf_attn [B,25,L]`` (each leaf's last-layer
-        attention over the patches, heads averaged) -> (obs_logits [B,14], anat_logits [B,25])."""
-        evidence = self.norm(leaf_attn.to(local.dtype) @ local)          # [B,25,D]
+        embeddings before any attention), ``leaf_attn [B,K,L]`` (each leaf's last-layer attention
+        over the patches, heads averaged) -> (obs_logits [B,14], anat_logits [B,K])."""
+        evidence = self.norm(leaf_attn.to(local.dtype) @ local)  # [B,K,D]
         pooled = torch.cat([cls, patches.mean(1), evidence.amax(1)], -1)
         obs_logits = self.obs_head(pooled)
         anat_logits = self.anat_head(evidence).squeeze(-1) + self.anat_bias
         return obs_logits, anat_logits
 
-    @staticmethod
-    def loss(obs_logits, anat_logits, labels, anatomies) -> torch.Tensor:
-        """Binary cross-entropy of observations plus that of anatomy leaves (each a mean)."""
-        obs = F.binary_cross_entropy_with_logits(obs_logits.float(), labels.float())
-        anat = F.binary_cross_entropy_with_logits(anat_logits.float(), anatomies.float())
-        return obs + anat
+    @torch.no_grad()
+    def set_prevalence(self, labels: torch.Tensor, anatomies: torch.Tensor, max_weight: float = 20.0):
+        """Positive weights (negatives / positives, in [1, max_weight]; 1 for a class without a
+        positive) from the training targets ``labels [N,14]`` and ``anatomies [N,K]``."""
+        for buffer, targets in ((self.obs_pos_weight, labels), (self.anat_pos_weight, anatomies)):
+            positives = targets.float().sum(0)
+            ratio = ((len(targets) - positives) / positives.clamp_min(1)).clamp(1.0, max_weight)
+            buffer.copy_(torch.where(positives > 0, ratio, torch.ones_like(ratio)))
+
+    @torch.no_grad()
+    def set_thresholds(self, obs: torch.Tensor, anat: torch.Tensor) -> None:
+        self.obs_threshold.copy_(obs)
+        self.anat_threshold.copy_(anat)
+
+    def _bce(self, logits, targets, pos_weight) -> torch.Tensor:
+        logits, targets = logits.float(), targets.float()
+        if self.loss_form == "focal":  # (1 - p_t)^gamma x BCE
+            bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+            p_t = torch.exp(-bce)
+            return ((1 - p_t) ** self.focal_gamma * bce).mean()
+        weight = pos_weight if self.loss_form == "weighted" else None
+        return F.binary_cross_entropy_with_logits(logits, targets, pos_weight=weight)
+
+    def loss(self, obs_logits, anat_logits, labels, anatomies) -> torch.Tensor:
+        """The observations' loss plus the anatomy leaves' (each a mean over the batch and classes)."""
+        return (self._bce(obs_logits, labels, self.obs_pos_weight)
+                + self._bce(anat_logits, anatomies, self.anat_pos_weight))
 
     @staticmethod
-    def prompt(obs_probs: torch.Tensor, threshold: float = 0.5) -> list[str]:
+    def prompt(obs_probs: torch.Tensor, threshold=0.5) -> list[str]:
         """Observation probabilities or 0/1 labels ``[B,14]`` -> one prompt string per row."""
         return [format_prompt(names) for names in observation_names(obs_probs, threshold)]
 
-    @staticmethod
-    def predict(obs_logits: torch.Tensor, anat_logits: torch.Tensor, threshold: float = 0.5):
-        """-> (predicted observation names per row, bool anatomy leaf mask ``[B,25]``).
-
-        A row with no leaf above the threshold gets ALL leaves on (``leaves_shown``).
-        """
-        entities = observation_names(obs_logits.sigmoid(), threshold)
-        return entities, EntityHead.leaves_shown(anat_logits.sigmoid() > threshold)
+    def predict(self, obs_logits: torch.Tensor, anat_logits: torch.Tensor):
+        """-> (predicted observation names per row, bool anatomy leaf mask ``[B,K]``), each class
+        above its own threshold. A row with no leaf above its threshold gets ALL leaves on
+        (``leaves_shown``)."""
+        entities = observation_names(obs_logits.sigmoid(), self.obs_threshold)
+        return entities, EntityHead.leaves_shown(anat_logits.sigmoid() > self.anat_threshold)
 
     @staticmethod
     def leaves_shown(anat: torch.Tensor) -> torch.Tensor:
         """The leaf tokens the decoder sees: the finding leaves, or every leaf for a row with none
         (a normal study), in training (reference leaves) and at test time (predicted) alike."""
         return anat | ~anat.any(-1, keepdim=True)
+
+
+def best_f1_thresholds(probs: torch.Tensor, targets: torch.Tensor,
+                       grid: torch.Tensor | None = None, default: float = 0.5) -> torch.Tensor:
+    """[C] per-class thresholds maximising F1 of ``probs [N,C] > t`` against ``targets [N,C]`` over
+    ``grid`` (0.05 ... 0.95); ``default`` for a class without a positive."""
+    grid = torch.arange(0.05, 0.96, 0.05) if grid is None else grid
+    pred = probs.float()[None] > grid[:, None, None]  # [G, N, C]
+    truth = targets.bool()[None]
+    tp = (pred & truth).sum(1).float()
+    f1 = 2 * tp / (pred.sum(1) + truth.sum(1)).clamp_min(1)  # [G, C]
+    best = grid[f1.argmax(0)]
+    return torch.where(targets.bool().any(0), best, torch.full_like(best, default))

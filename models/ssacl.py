@@ -41,6 +41,8 @@ UNMASKED_LOSSES = {"region", "aca", "entity", "lm", "rest"}
 MASKED_LOSSES = {"mae", "con", "region"}
 REPORT_LOSSES = {"con", "aca"}
 ATTENTION_LOSSES = {"entity", "rest"}
+# state-dict entries whose last dimension is the patch grid (row-major), resized to another grid on load
+GRID_SHAPED = ("contrastive.pos_weight.weight", "location_prior", "leaf_spatial_prior")
 
 
 class SSACL(nn.Module):
@@ -48,13 +50,15 @@ class SSACL(nn.Module):
                  weights: dict[str, float], mask_ratio: float = 0.5, threshold: float = 0.5,
                  modules: dict[str, nn.Module] | None = None, temperature: float | None = None,
                  leaf_query_embed: bool = False, spatial_prior: bool = False,
-                 location_prior: bool = False, location_prior_gain: float = 1.0):
+                 location_prior: bool = False, location_prior_gain: float = 1.0, prefix_grid: int = 0):
         """``modules``: the loss modules by name ("mae_decoder", "contrastive", "region", "aca",
         "entity_head", "report_decoder"), those of disabled losses absent; ``temperature``: T of
-        the shared scale Tpar = 1/T (learnable) that the official contrastive and ACA forms use."""
+        the shared scale Tpar = 1/T (learnable) that the official contrastive and ACA forms use;
+        ``prefix_grid`` g > 0: the LM reads the patch tokens average-pooled to g x g (a prefix of
+        bounded length at any resolution), 0: every patch."""
         super().__init__()
         self.vit, self.text_encoder, self.graph = vit, text_encoder, graph
-        self.mask_ratio, self.threshold = mask_ratio, threshold
+        self.mask_ratio, self.threshold, self.prefix_grid = mask_ratio, threshold, prefix_grid
         modules = modules or {}
         self.mae_decoder = modules.get("mae_decoder")
         self.contrastive, self.region = modules.get("contrastive"), modules.get("region")
@@ -126,14 +130,16 @@ class SSACL(nn.Module):
             modules["aca"] = AnatomicalConsistency(loss.aca.form, al.aca_identity_weight,
                                                    al.aca_temperature, al.aca_text_temperature)
         if on["entity"]:
-            modules["entity_head"] = EntityHead(D, 14, graph.num_leaves, m.entity.hidden_dim)
+            modules["entity_head"] = EntityHead(D, 14, graph.num_leaves, m.entity.hidden_dim,
+                                                m.entity.loss, m.entity.threshold)
         if on["lm"]:
             modules["report_decoder"] = build_report_decoder(m.decoder, decoder_tokenizer, D)
         return cls(vit, text, graph, weights={k: loss[k].weight for k in LOSSES},
                    mask_ratio=m.mae.mask_ratio, threshold=m.entity.threshold, modules=modules,
                    temperature=al.temperature if official["con"] or official["aca"] else None,
                    leaf_query_embed=m.leaf_query_embed, spatial_prior=m.spatial_prior,
-                   location_prior=m.location_prior.enabled, location_prior_gain=m.location_prior.gain)
+                   location_prior=m.location_prior.enabled, location_prior_gain=m.location_prior.gain,
+                   prefix_grid=m.decoder.prefix_grid)
 
     @classmethod
     def from_checkpoint(cls, path, cfg, device) -> SSACL:
@@ -156,11 +162,32 @@ class SSACL(nn.Module):
         cfg.model.vit.init = None  # the checkpoint holds the weights
         folders = checkpoint_tokenizers(path)
         model = cls.from_config(cfg, load_tokenizer(folders["text"]), load_tokenizer(folders["decoder"]))
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(model.adapt_state_dict(ckpt["model"]))
         cfg.data.sr_scale = 1
         print(f"loaded {Path(path)} (epoch {ckpt.get('epoch')}, step {ckpt.get('step')}): "
               f"{count_parameters(model)}")
         return model.to(device)
+
+    def adapt_state_dict(self, state: dict) -> dict:
+        """``state`` with its grid-shaped entries (GRID_SHAPED: [..., L]) resized bilinearly to this
+        model's patch grid when they come from another resolution (the location prior renormalised)."""
+        g = self.vit.grid
+        out = dict(state)
+        for key in GRID_SHAPED:
+            value = out.get(key)
+            if value is None or value.shape[-1] == g[0] * g[1]:
+                continue
+            side = int(round(value.shape[-1] ** 0.5))
+            if side * side != value.shape[-1]:
+                raise ValueError(f"{key}: {value.shape[-1]} entries are not a square patch grid")
+            grid = value.float().reshape(-1, 1, side, side)
+            resized = F.interpolate(grid, size=g, mode="bilinear", align_corners=False)
+            resized = resized.reshape(*value.shape[:-1], g[0] * g[1]).to(value.dtype)
+            if key == "location_prior":  # a distribution over the patches
+                resized = resized / resized.sum(-1, keepdim=True).clamp_min(1e-12)
+            print(f"{key}: resized from a {side}x{side} to a {g[0]}x{g[1]} patch grid")
+            out[key] = resized
+        return out
 
     # ------------------------------------------------------------------ queries and priors
     @property
@@ -222,6 +249,15 @@ class SSACL(nn.Module):
         return F.interpolate(images, size=(size, size), mode="bicubic", antialias=True,
                              align_corners=False)
 
+    def lm_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """[B, L, D] patch tokens -> those the LM reads: average-pooled to prefix_grid^2 when set."""
+        g = self.prefix_grid
+        if not g or g * g >= patches.shape[1]:
+            return patches
+        h, w = self.vit.grid
+        grid = patches.transpose(1, 2).reshape(patches.shape[0], -1, h, w)
+        return F.adaptive_avg_pool2d(grid, g).flatten(2).transpose(1, 2)
+
     def _finding_leaves(self, batch, batch_size: int, device) -> torch.Tensor:
         """[B, K] bool: the leaves of each report's findings (all False for a normal study)."""
         anatomies = batch.get("anatomies")
@@ -279,7 +315,8 @@ class SSACL(nn.Module):
             losses["rest"] = rest_loss(leaf_attn, self.location_prior, finding_leaves)
         if "lm" in enabled:
             shown = EntityHead.leaves_shown(finding_leaves)
-            visual, visual_mask = visual_prefix(leaf_tokens, unmasked["cls"], unmasked["patches"], shown)
+            patches = self.lm_patches(unmasked["patches"])
+            visual, visual_mask = visual_prefix(leaf_tokens, unmasked["cls"], patches, shown)
             losses["lm"] = self.report_decoder(visual, visual_mask, prompts, batch["report"])
         total = images.new_zeros((), dtype=torch.float32)
         losses["loss"] = sum((w * losses[k].float() for k, w in self.weights.items()), total)
@@ -302,16 +339,24 @@ class SSACL(nn.Module):
         if self.entity_head is not None:
             obs_logits, anat_logits = self.entity_head(out["cls"], out["patches"], out["local"],
                                                        out["attn"])
-            entities, shown = self.entity_head.predict(obs_logits, anat_logits, self.threshold)
+            entities, shown = self.entity_head.predict(obs_logits, anat_logits)
         else:
             entities = [[] for _ in range(B)]
             shown = torch.ones(B, self.graph.num_leaves, dtype=torch.bool, device=images.device)
-        visual, visual_mask = visual_prefix(out["queries"], out["cls"], out["patches"], shown)
+        visual, visual_mask = visual_prefix(out["queries"], out["cls"], self.lm_patches(out["patches"]), shown)
         prompts = [format_prompt(e) for e in entities]
         reports = self.report_decoder.generate(visual, visual_mask, prompts, **decoding)
         return [{"id": i, "report": r, "entities": e,
                  "anatomies": [n for n, on in zip(self.leaf_names, leaves) if on]}
                 for i, r, e, leaves in zip(batch["id"], reports, entities, shown.tolist())]
+
+    @torch.no_grad()
+    def entity_probabilities(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The entity head's probabilities from the images: observations [B, 14], leaves [B, K]."""
+        out = self.vit(self.encoder_images(images), self.leaf_queries(), return_attn=True,
+                       query_bias=self.query_bias())
+        obs, anat = self.entity_head(out["cls"], out["patches"], out["local"], out["attn"])
+        return obs.float().sigmoid(), anat.float().sigmoid()
 
     @torch.no_grad()
     def heatmaps(self, images: torch.Tensor) -> torch.Tensor:

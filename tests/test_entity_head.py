@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from datasets.tokenizer import train_bpe, train_wordpiece
-from models.entity_head import EntityHead, format_prompt, observation_names
+from models.entity_head import EntityHead, best_f1_thresholds, format_prompt, observation_names
 from models.ssacl import SSACL
 from utils.config import load_config
 from vocab.anatomy_graph import AnatomyGraph
@@ -60,7 +60,7 @@ def test_each_leaf_logit_reads_only_the_patches_its_attention_selects(hidden):
 
 def test_loss_is_bce_and_training_fits_targets():
     torch.manual_seed(0)
-    head = EntityHead(D, hidden_dim=16)
+    head = EntityHead(D, hidden_dim=16, loss="bce")
     B = 32
     cls, patches, local, attn = rand_inputs(B)
     labels = (cls[:, :14] > 0).float()               # learnable from CLS
@@ -152,12 +152,48 @@ def test_predict_thresholds_and_all_leaves_fallback():
     obs[0, OBSERVATION_INDEX["Atelectasis"]] = 2.0
     anat = torch.full((2, 25), -3.0)
     anat[0, [1, 4]] = 1.0
-    names, mask = EntityHead.predict(obs, anat, 0.5)
+    head = EntityHead(D, threshold=0.5)
+    names, mask = head.predict(obs, anat)
     assert names == [["Atelectasis"], []]
     assert mask[0].nonzero().flatten().tolist() == [1, 4]
     assert mask[1].all()  # nothing predicted -> every leaf on (documented fallback)
-    _, mask = EntityHead.predict(obs, anat, 0.8)  # 0.73 < 0.8: row 0 falls back too
-    assert mask.all()
+    head.set_thresholds(torch.full((14,), 0.5), torch.full((25,), 0.8))  # 0.73 < 0.8: row 0 falls back
+    assert head.predict(obs, anat)[1].all()
+    # one threshold per class: atelectasis (p 0.88) off at 0.9, leaf 4 alone on at 0.7
+    obs_t, anat_t = torch.full((14,), 0.5), torch.full((25,), 0.8)
+    obs_t[OBSERVATION_INDEX["Atelectasis"]], anat_t[4] = 0.9, 0.7
+    head.set_thresholds(obs_t, anat_t)
+    names, mask = head.predict(obs, anat)
+    assert names == [[], []] and mask[0].nonzero().flatten().tolist() == [4]
+
+
+def test_positive_weights_from_prevalence_and_the_weighted_loss():
+    labels = torch.zeros(10, 14)
+    labels[:2, 0] = 1  # 2 positives of 10: weight 4; no positive: weight 1
+    anatomies = torch.zeros(10, 25, dtype=torch.bool)
+    anatomies[:5, 3] = True
+    head = EntityHead(D, loss="weighted")
+    head.set_prevalence(labels, anatomies, max_weight=20.0)
+    assert head.obs_pos_weight[0] == 4.0 and head.obs_pos_weight[1] == 1.0 and head.anat_pos_weight[3] == 1.0
+    obs, anat = torch.randn(10, 14), torch.randn(10, 25)
+    expected = (F.binary_cross_entropy_with_logits(obs, labels, pos_weight=head.obs_pos_weight)
+                + F.binary_cross_entropy_with_logits(anat, anatomies.float(), pos_weight=head.anat_pos_weight))
+    torch.testing.assert_close(head.loss(obs, anat, labels, anatomies), expected)
+    focal = EntityHead(D, loss="focal")
+    p = obs.sigmoid()
+    p_t = torch.where(labels.bool(), p, 1 - p)
+    by_hand = -((1 - p_t) ** 2 * p_t.log()).mean()
+    torch.testing.assert_close(focal._bce(obs, labels, None), by_hand)
+    with pytest.raises(ValueError, match="model.entity.loss"):
+        EntityHead(D, loss="hinge")
+
+
+def test_best_f1_thresholds():
+    probs = torch.tensor([[0.9, 0.2], [0.6, 0.3], [0.4, 0.1], [0.1, 0.05]])
+    targets = torch.tensor([[1, 0], [1, 0], [0, 0], [0, 0]])
+    t = best_f1_thresholds(probs, targets, grid=torch.tensor([0.3, 0.5, 0.7]), default=0.42)
+    # class 0: 0.5 keeps both positives and drops the 0.4 negative (F1 1); class 1 has no positive
+    torch.testing.assert_close(t, torch.tensor([0.5, 0.42]))
 
 
 class _Recorder:

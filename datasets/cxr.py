@@ -32,7 +32,8 @@ from torchvision.transforms import v2
 
 from datasets.annotation import DataError, load_annotation, validate_record
 from vocab.anatomy_graph import graph_from_name
-from vocab.labeler import RuleLabeler, finding_anatomies
+from vocab.finding_sites import finding_anatomies
+from vocab.labeler import RuleLabeler
 from vocab.report_text import clean_report
 
 MEAN, STD = 0.4978, 0.2449

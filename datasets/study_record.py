@@ -12,7 +12,8 @@ import functools
 import numpy as np
 
 from vocab.anatomy_graph import AnatomyGraph
-from vocab.labeler import RuleLabeler, finding_anatomies
+from vocab.finding_sites import finding_anatomies
+from vocab.labeler import RuleLabeler
 from vocab.report_text import clean_report
 
 

@@ -1,12 +1,11 @@
-"""The rule labeler: each observation positive / negated / uncertain, scope, aggregation, and the
-anatomies of the sentences that state a finding."""
+"""The rule labeler: each observation positive / negated / uncertain, scope, aggregation."""
 import math
 
 import numpy as np
 import pytest
 
 from vocab.anatomy_graph import AnatomyGraph
-from vocab.labeler import RuleLabeler, finding_anatomies
+from vocab.labeler import RuleLabeler
 from vocab.observations import CHEXPERT_OBSERVATIONS, OBSERVATION_INDEX
 
 GRAPH = AnatomyGraph.default()
@@ -196,24 +195,3 @@ def test_trigger_prefilter_never_drops_a_mention():
     assert np.array_equal(a, b, equal_nan=True)
     # the sentence cache changes nothing
     assert np.array_equal(fast.label(REPORTS), a, equal_nan=True)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-def test_finding_anatomies_only_from_sentences_that_state_a_finding():
-    report = (
-        "Small effusion at the right costophrenic angle. The heart size is normal. The left lung is clear. "
-        "Possible left lower lobe atelectasis."
-    )
-    assert finding_anatomies(report, GRAPH) == ["right costophrenic angle", "left lower lung zone"]
-    assert finding_anatomies("The lungs are clear. No pneumothorax.", GRAPH) == []

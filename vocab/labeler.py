@@ -12,15 +12,25 @@ patterns below), negation cues ("no", "not", "without", "free of", "negative for
 "removed", "no longer", ...) and uncertainty cues ("may", "possible", "likely", "suggest", "versus",
 "question of", "concern for", "cannot be excluded", "?", ...). "No change", "not changed",
 "partially resolved" and the like are not negations. A mention takes:
-  uncertain  if an uncertainty cue follows it in the clause ("... cannot be excluded", "... is possible";
-             "versus", "possible", "?" reach back only to the nearest mention, not past a comma),
+  uncertain  if an uncertainty cue follows it in the clause, not past a comma ("... cannot be
+             excluded", "... is possible"; "versus", "possible", "?" reach back only to the nearest
+             mention),
   else       what the nearest cue before it says (negation scope runs to the end of the clause, so
              "no pleural effusion or pneumothorax" negates both; a cue inside the mention counts:
              "heart is not enlarged"),
-  negative   if a negation cue follows it ("... has resolved", "... is not seen", "... has been removed"),
-  negative   for statements of normality ("heart size is normal", "normal cardiomediastinal silhouette",
-             "lungs are clear" -> Lung Opacity, "mediastinum is normal"),
+  negative   if a negation cue follows it, not past a comma ("... has resolved", "... is not seen";
+             "small effusion, the pneumothorax has resolved" negates the pneumothorax only),
+  negative   for statements of normality, with or without a verb ("heart size is normal", "heart
+             and mediastinum normal", "normal cardiomediastinal silhouette", "lungs clear" -> Lung
+             Opacity),
+  uncertain  for one of alternatives ("scarring or atelectasis", "atelectasis and/or infiltrate",
+             "atelectasis/infiltrate") and for costophrenic blunting (effusion or pleural
+             thickening),
   positive   otherwise.
+Mentions follow CheXpert's phrase lists where they differ from plain synonyms: scarring and
+interstitial markings are Lung Opacity, pleural(-parenchymal) scarring and fibrosis Pleural Other,
+"failure" and prominent central vasculature Edema. ``clause_mentions`` gives the mentions with
+their spans and values, for any extra pattern too (vocab/finding_sites.py uses it).
 Per report, mentions aggregate as CheXpert does: positive > uncertain > negative > not mentioned.
 "No Finding" is 1 when no observation other than Support Devices is positive or uncertain, else nan
 (CheXpert labeler / CheXbert convention: that head is blank-or-positive, never negative). Perihilar

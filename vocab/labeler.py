@@ -503,6 +503,10 @@ class RuleLabeler:
         return unc_pre + neg_pre, unc_post + neg_post
 
     def _label_clause(self, clause: str) -> list[tuple[int, float]]:
+        return self._values(clause, self._clause_mentions(clause))
+
+    def _clause_mentions(self, clause: str) -> list[tuple[int, int, int, bool]]:
+        """(index, start, end, is_normal) of every observation mention of one clause."""
         mentions = []
         for idx, triggers, pos_re, normal_re in self._mentions:
             if not any(t in clause for t in triggers):
@@ -510,7 +514,7 @@ class RuleLabeler:
             mentions += [(idx, m.start(), m.end(), False) for m in pos_re.finditer(clause)]
             if normal_re is not None:
                 mentions += [(idx, m.start(), m.end(), True) for m in normal_re.finditer(clause)]
-        return self._values(clause, mentions)
+        return mentions
 
     def _values(self, clause: str, mentions: list[tuple]) -> list[tuple[int, float]]:
         """(index, value) of each mention ``(index, start, end, is_normal)`` of one clause."""
@@ -561,14 +565,7 @@ class RuleLabeler:
         for clause in _BREAKERS.split(sentence):
             if not clause.strip():
                 continue
-            mentions = []
-            for idx, triggers, pos_re, normal_re in self._mentions:
-                if any(t in clause for t in triggers):
-                    mentions += [(idx, m.start(), m.end(), False) for m in pos_re.finditer(clause)]
-                    if normal_re is not None:
-                        mentions += [
-                            (idx, m.start(), m.end(), True) for m in normal_re.finditer(clause)
-                        ]
+            mentions = self._clause_mentions(clause)
             if extra is not None:
                 mentions += [(-1, m.start(), m.end(), False) for m in extra.finditer(clause)]
             values = self._values(clause, mentions)

@@ -1,11 +1,19 @@
 """R2Gen ``annotation.json``: ``{"train"|"val"|"test": [{"id", "report", "image_path": [...],
-...}]}``, read and validated; a problem is a DataError naming the file, the record and the field."""
+...}]}``, read, validated and written; a problem is a DataError naming the file, the record and
+the field.
+
+Optional fields: ``labels`` (14 values in ``CHEXPERT_OBSERVATIONS`` order: 1, 0, -1, null),
+``anatomies`` (anatomy-graph names) and ``views`` (one view name per ``image_path`` entry: "PA",
+"AP", "LATERAL", ... or "" when unknown; "PA" and "AP" are the frontal views).
+"""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 SPLITS = ("train", "val", "test")
+FRONTAL_VIEWS = ("PA", "AP")      # in order of preference
 
 
 class DataError(ValueError):
@@ -64,4 +72,46 @@ def validate_record(rec, path: str | Path, pos: int) -> str | None:
         not isinstance(anat, list) or not all(isinstance(a, str) for a in anat)
     ):
         return f"{where}: field 'anatomies' must be a list of anatomy names"
+    views = rec.get("views")
+    n_paths = len(paths)
+    if views is not None and (
+        not isinstance(views, list)
+        or len(views) != n_paths
+        or not all(isinstance(v, str) for v in views)
+    ):
+        return f"{where}: field 'views' must be a list of {n_paths} view names (one per image_path)"
     return None
+
+
+def frontal_index(views: list[str]) -> int | None:
+    """Index of the study's frontal image: the first "PA", else the first "AP"; None when the
+    study has no frontal view (a lateral is never returned)."""
+    for want in FRONTAL_VIEWS:
+        for i, v in enumerate(views):
+            if v.upper() == want:
+                return i
+    return None
+
+
+def view_rank(view: str) -> int:
+    """Sort key that puts PA first, then AP, then every other view (unknown "" last)."""
+    v = view.upper()
+    if v in FRONTAL_VIEWS:
+        return FRONTAL_VIEWS.index(v)
+    return len(FRONTAL_VIEWS) + (v == "")
+
+
+def write_annotation(path: str | Path, records: list[dict]) -> dict[str, int]:
+    """Write records (each with a "split" in SPLITS) as an R2Gen annotation file, atomically;
+    returns the number of records per split."""
+    path = Path(path)
+    bad = [r.get("id") for r in records if r.get("split") not in SPLITS]
+    if bad:
+        raise DataError(f"{path}: records with a split outside {SPLITS}: {bad[:5]}")
+    data = {sp: [r for r in records if r["split"] == sp] for sp in SPLITS}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+    return {sp: len(v) for sp, v in data.items()}

@@ -11,6 +11,16 @@ clipped at 255 - RGB by luminance), replicated to three and normalised with mean
 std 0.2449. Train: RandomResizedCrop(scale=cfg.data.random_resized_crop, ratio 0.9-1.11);
 eval: resize to a square. Never a horizontal flip (left/right carries meaning).
 
+Views (``data.views``): ``first_frontal`` takes one image per study, the first "PA" of the record's
+``views`` (one name per ``image_path``), else the first "AP", never a lateral: a study without a
+frontal view is bad input (kind ``no_frontal``); a record without ``views`` gives its
+``image_path[0]`` (R2Gen's files list the frontal first), unchecked and counted in a warning.
+``all`` takes every image, each sample keeping its view name (``Sample.view``).
+
+Anatomy targets (``data.anatomies``): ``report`` (default) parses them from the report text with
+``vocab.finding_sites.finding_anatomies``, the same parser for real and synthetic data;
+``annotation`` takes the record's ``anatomies`` field (the parser where a record has none).
+
 Bad input (malformed record, empty report, missing or unreadable image) raises DataError
 naming the file and the record; with ``data.skip_bad`` it is skipped and counted instead:
 at construction for records and missing files, at ``__getitem__`` for unreadable images
@@ -30,9 +40,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
-from datasets.annotation import DataError, load_annotation, validate_record
+from datasets.annotation import DataError, frontal_index, load_annotation, validate_record
 from vocab.anatomy_graph import graph_from_name
-from vocab.labeler import RuleLabeler, finding_anatomies
+from vocab.finding_sites import finding_anatomies
+from vocab.labeler import RuleLabeler
 from vocab.report_text import clean_report
 
 MEAN, STD = 0.4978, 0.2449
@@ -102,6 +113,7 @@ class Sample:
     report: str
     path: Path
     record: str     # "record 'id' (#pos)" for messages
+    view: str = ""  # the record's "views" entry for this image ("" when it has none)
 
 
 class CXRDataset(Dataset):
@@ -134,7 +146,8 @@ class CXRDataset(Dataset):
                 "labels": self.labels[i], "anatomies": self.anatomies[i], "index": i}
 
     def bad_counts(self) -> dict[str, int]:
-        """Skipped inputs by kind: bad_record, empty_report, missing_image, unreadable_image."""
+        """Skipped inputs by kind: bad_record, empty_report, missing_image, no_frontal,
+        unreadable_image."""
         counts = {k: len(v) for k, v in self._load_bad.items()}
         counts["unreadable_image"] = int(self._unreadable.sum())
         return counts
@@ -178,6 +191,8 @@ def build_dataset(cfg, split: str, train: bool, graph=None) -> CXRDataset:
     d = cfg.data
     if d.views not in ("first_frontal", "all"):
         raise ValueError(f"data.views must be 'first_frontal' or 'all', got {d.views!r}")
+    if d.anatomies not in ("report", "annotation"):
+        raise ValueError(f"data.anatomies must be 'report' or 'annotation', got {d.anatomies!r}")
     # synthetic graphs: anatomies unused
     strict = graph is not None or cfg.model.graph == "default"
     graph = graph or graph_from_name(cfg.model.graph)
@@ -186,14 +201,16 @@ def build_dataset(cfg, split: str, train: bool, graph=None) -> CXRDataset:
     records = load_annotation(ann, split)
     if d.max_samples > 0:
         records = records[:d.max_samples]
-    bad: dict[str, list[str]] = {"bad_record": [], "empty_report": [], "missing_image": []}
+    bad: dict[str, list[str]] = {
+        "bad_record": [], "empty_report": [], "missing_image": [], "no_frontal": []
+    }
 
     def reject(kind: str, msg: str) -> None:
         if not d.skip_bad:
             raise DataError(msg)
         bad[kind].append(msg)
 
-    samples, raw_labels, anat_rows = [], [], []
+    samples, raw_labels, anat_rows, unchecked = [], [], [], 0
     for pos, rec in enumerate(records):
         reason = validate_record(rec, ann, pos)
         if reason:
@@ -205,13 +222,23 @@ def build_dataset(cfg, split: str, train: bool, graph=None) -> CXRDataset:
             reject("empty_report", f"{ann}: {where}: field 'report' is empty")
             continue
         try:
-            anat = _anatomy_mask(rec, report, graph, strict)
+            anat = _anatomy_mask(rec, d.anatomies, graph, strict)
         except KeyError as e:
             reject("bad_record", f"{ann}: {where}: field 'anatomies': {e.args[0]}")
             continue
         paths = rec["image_path"] if isinstance(rec["image_path"], list) else [rec["image_path"]]
-        paths = paths[:1] if d.views == "first_frontal" else paths
-        for k, rel in enumerate(paths):
+        views = rec.get("views") or [""] * len(paths)
+        if d.views == "first_frontal" and "views" in rec:
+            k = frontal_index(views)
+            if k is None:
+                reject("no_frontal", f"{ann}: {where}: no frontal (PA or AP) view in field "
+                                     f"'views' {views}")
+                continue
+            paths, views = [paths[k]], [views[k]]
+        elif d.views == "first_frontal":       # no recorded views: R2Gen's order, unchecked
+            paths, views = paths[:1], views[:1]
+            unchecked += 1
+        for k, (rel, view) in enumerate(zip(paths, views)):
             path = root / rel
             if not path.is_file():
                 reject(
@@ -220,7 +247,7 @@ def build_dataset(cfg, split: str, train: bool, graph=None) -> CXRDataset:
                 )
                 continue
             sid = str(rec["id"]) if len(paths) == 1 else f"{rec['id']}_{k}"
-            samples.append(Sample(sid, report, path, where))
+            samples.append(Sample(sid, report, path, where, view))
             raw_labels.append(rec.get("labels"))
             anat_rows.append(anat)
 
@@ -238,19 +265,24 @@ def build_dataset(cfg, split: str, train: bool, graph=None) -> CXRDataset:
         torch.stack(anat_rows) if samples else torch.zeros(0, graph.num_leaves, dtype=torch.bool)
     )
     transform = build_transform(d.image_size * d.sr_scale, train, d.random_resized_crop)
+    if unchecked:
+        log.warning("%s split %r: %d records have no 'views' field: image_path[0] taken as the "
+                    "frontal view unchecked", ann, split, unchecked)
     ds = CXRDataset(samples, labels, anatomies, transform, d.skip_bad, str(ann), bad)
     if ds.bad_summary():
         log.warning("%s split %r:\n%s", ann, split, ds.bad_summary())
     return ds
 
 
-def _anatomy_mask(rec: dict, report: str, graph, strict: bool = True) -> torch.Tensor:
-    """Leaf mask of the leaves where the report places its findings: the record's "anatomies" when
-    it has the field ([] = a normal study: no leaf), else ``finding_anatomies`` of the report.
-    Not ``strict`` (a graph other than the default): names the graph lacks are ignored."""
-    names = rec.get("anatomies")
+def _anatomy_mask(rec: dict, source: str, graph, strict: bool = True) -> torch.Tensor:
+    """Leaf mask of the leaves where the report places its findings. ``source`` "report":
+    ``finding_anatomies`` of the record's report text (the same parser for every dataset);
+    "annotation": the record's "anatomies" ([] = a normal study: no leaf), the parser for a
+    record without the field. Not ``strict`` (a graph other than the default): names the graph
+    lacks are ignored."""
+    names = rec.get("anatomies") if source == "annotation" else None
     if names is None:
-        names = finding_anatomies(report, graph)
+        names = finding_anatomies(rec["report"], graph)
     elif not strict:
         names = [n for n in names if n in graph.index]
     else:

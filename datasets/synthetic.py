@@ -38,7 +38,9 @@ between the graph's two cardiac-silhouette leaves: the cavoatrial junction is a 
 the SVC meets the heart's upper right border, the right atrium leaf is the rest of it.
 ``anatomies`` lists the leaves of the study's findings (both cardiac leaves for
 cardiomegaly; the trachea too for a tube tip at the carina); a study without findings
-gets [] (no finding leaf).
+gets [] (no finding leaf). ``views`` is ["PA"] (every image is drawn as a PA film). The dataset
+reads its anatomy targets from the report text by default (``data.anatomies: report``);
+``anatomies`` stays the generator's ground truth (scripts/text_agreement.py compares the two).
 ``labels``: 1 for each finding's observation, 0 for an observation a normal sentence
 negates, null otherwise; "No Finding" 1 when nothing but support devices and unlabelled
 findings is present. The finding catalogue, the planning of a study's findings and the
@@ -595,6 +597,7 @@ def _write_study(job) -> dict:
         "id": sid,
         "report": st["report"],
         "image_path": [f"{sid}.png"],
+        "views": ["PA"],
         "split": split,
         "labels": st["labels"],
         "anatomies": st["anatomies"],

@@ -78,7 +78,12 @@ def test_dataset_items_and_first_frontal_vs_all(tmp_path):
     assert item["report"] == "the heart size is normal . no pleural effusion ."
     # uncertain -> negative
     assert item["labels"].tolist() == [1, 0, 0, 0] + [0] * 9 + [0]
-    assert torch.equal(item["anatomies"], GRAPH.leaf_mask(["cardiac silhouette"]))
+    # data.anatomies: report (default) reads the text: the heart is named, but no finding is stated
+    assert not item["anatomies"].any()
+    cfg_ann, _ = make_data(tmp_path, GOOD, **{"data.anatomies": "annotation"})
+    ds_ann = build_dataset(cfg_ann, "train", train=False)
+    assert torch.equal(ds_ann[0]["anatomies"], GRAPH.leaf_mask(["cardiac silhouette"]))
+    assert torch.equal(ds_ann[2]["anatomies"], GRAPH.leaf_mask(["right lower lung zone"]))
     # derived from text
     assert torch.equal(ds[2]["anatomies"], GRAPH.leaf_mask(["right lower lung zone"]))
     # the heart is named, but no finding is stated
@@ -129,14 +134,44 @@ def test_no_horizontal_flip(tmp_path):
     (rec("a1", ["gray.png"], anatomies=["left elbow"]), "bad_record", "left elbow"),
 ])
 def test_bad_records_raise_or_are_skipped(tmp_path, bad, kind, needle):
-    cfg, ann = make_data(tmp_path, GOOD + [bad])
+    cfg, ann = make_data(tmp_path, GOOD + [bad], **{"data.anatomies": "annotation"})
     with pytest.raises(DataError) as e:
         build_dataset(cfg, "train", train=False)
     assert str(ann) in str(e.value) and repr(bad["id"]) in str(e.value) and needle in str(e.value)
-    cfg, _ = make_data(tmp_path, GOOD + [bad], **{"data.skip_bad": True})
+    cfg, _ = make_data(
+        tmp_path, GOOD + [bad], **{"data.skip_bad": True, "data.anatomies": "annotation"}
+    )
     ds = build_dataset(cfg, "train", train=False)
     assert len(ds) == 4 and ds.bad_counts()[kind] == 1 and sum(ds.bad_counts().values()) == 1
     assert needle in ds.bad_summary()
+
+
+def test_first_frontal_uses_the_recorded_views(tmp_path, caplog):
+    records = [
+        rec("v1", ["deep.png", "gray.png", "color.png"], views=["LATERAL", "AP", "PA"]),
+        rec("v2", ["deep.png", "gray.png"], views=["LL", "AP"]),
+        rec("v3", ["deep.png"], views=["LATERAL"]),
+        rec("v4", ["deep.png", "gray.png"]),                         # no views: image_path[0]
+    ]
+    cfg, ann = make_data(tmp_path, records)
+    with pytest.raises(DataError, match=r"record 'v3' \(#2\): no frontal \(PA or AP\) view"):
+        build_dataset(cfg, "train", train=False)
+    cfg, _ = make_data(tmp_path, records, **{"data.skip_bad": True})
+    with caplog.at_level("WARNING"):
+        ds = build_dataset(cfg, "train", train=False)
+    assert [(s.id, s.path.name, s.view) for s in ds.samples] == [
+        ("v1", "color.png", "PA"), ("v2", "gray.png", "AP"), ("v4", "deep.png", "")]
+    assert ds.bad_counts()["no_frontal"] == 1 and "'v3'" in ds.bad_summary()
+    assert "1 records have no 'views' field" in caplog.text
+    cfg, _ = make_data(tmp_path, records, **{"data.views": "all"})
+    ds = build_dataset(cfg, "train", train=False)
+    assert [(s.id, s.view) for s in ds.samples][:4] == [
+        ("v1_0", "LATERAL"), ("v1_1", "AP"), ("v1_2", "PA"), ("v2_0", "LL")]
+    assert len(ds) == 8
+    bad = [rec("w1", ["gray.png"], views=["PA", "LATERAL"])]
+    cfg, _ = make_data(tmp_path, bad)
+    with pytest.raises(DataError, match="field 'views' must be a list of 1 view names"):
+        build_dataset(cfg, "train", train=False)
 
 
 def test_unreadable_image_raises_or_is_skipped_in_workers(tmp_path):

@@ -2,7 +2,13 @@
 import pytest
 
 from vocab.anatomy_graph import AnatomyGraph
-from vocab.report_text import clean_report, derive_anatomies, sentence_anatomies, split_sentences
+from vocab.report_text import (
+    anatomy_mentions,
+    clean_report,
+    derive_anatomies,
+    sentence_anatomies,
+    split_sentences,
+)
 
 GRAPH = AnatomyGraph.default()
 
@@ -87,3 +93,35 @@ def test_sentences_and_their_anatomies():
     assert cleaned[0][0] == "the lungs are clear"
     assert len(cleaned[0][1]) == 14  # both lungs -> all 14 lung leaves
     assert cleaned[1][1] == ["right lower lung zone", "left lower lung zone"]
+
+
+@pytest.mark.parametrize("text, names", [
+    # the vocabulary radiologists write
+    ("Retrocardiac opacity.", ["left lower lung zone"]),
+    ("Right perihilar haze.", ["right hilar structures"]),
+    ("Blunting of the left costophrenic XXXX.", ["left costophrenic angle"]),
+    ("Right paratracheal density.", ["upper mediastinum"]),
+    ("The mediastinum is widened.", ["upper mediastinum"]),
+    ("Clips in the right upper quadrant.", ["abdomen"]),
+    ("Free air under the right hemidiaphragm.", ["abdomen"]),
+    ("Dextroscoliosis and thoracic kyphosis.", ["spine"]),
+    ("Calcified left midlung granuloma.", ["left mid lung zone"]),
+    ("Tortuous thoracic aorta.", ["aortic arch"]),
+    ("Low lung volumes.", []),
+    # the side, far before the term, after it, or both
+    ("Right pleural effusion with blunting of the costophrenic angle.",
+     ["right costophrenic angle"]),
+    ("Pneumothorax at the apex on the left.", ["left apical zone"]),
+    ("Left greater than right basilar opacity.", ["right lower lung zone", "left lower lung zone"]),
+    ("Opacity at the apex bilaterally.", ["right apical zone", "left apical zone"]),
+])
+def test_anatomy_vocabulary_and_sides(text, names):
+    assert derive_anatomies(text, GRAPH) == names
+
+
+def test_anatomy_mentions_take_the_side_from_the_sentence():
+    sentence = "right pleural effusion with blunting of the costophrenic angle"
+    part = "blunting of the costophrenic angle"
+    assert anatomy_mentions(part, GRAPH) == [(16, "right costophrenic angle"),
+                                             (16, "left costophrenic angle")]
+    assert anatomy_mentions(part, GRAPH, context=sentence) == [(16, "right costophrenic angle")]

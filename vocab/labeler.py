@@ -12,15 +12,25 @@ patterns below), negation cues ("no", "not", "without", "free of", "negative for
 "removed", "no longer", ...) and uncertainty cues ("may", "possible", "likely", "suggest", "versus",
 "question of", "concern for", "cannot be excluded", "?", ...). "No change", "not changed",
 "partially resolved" and the like are not negations. A mention takes:
-  uncertain  if an uncertainty cue follows it in the clause ("... cannot be excluded", "... is possible";
-             "versus", "possible", "?" reach back only to the nearest mention, not past a comma),
+  uncertain  if an uncertainty cue follows it in the clause, not past a comma ("... cannot be
+             excluded", "... is possible"; "versus", "possible", "?" reach back only to the nearest
+             mention),
   else       what the nearest cue before it says (negation scope runs to the end of the clause, so
              "no pleural effusion or pneumothorax" negates both; a cue inside the mention counts:
              "heart is not enlarged"),
-  negative   if a negation cue follows it ("... has resolved", "... is not seen", "... has been removed"),
-  negative   for statements of normality ("heart size is normal", "normal cardiomediastinal silhouette",
-             "lungs are clear" -> Lung Opacity, "mediastinum is normal"),
+  negative   if a negation cue follows it, not past a comma ("... has resolved", "... is not seen";
+             "small effusion, the pneumothorax has resolved" negates the pneumothorax only),
+  negative   for statements of normality, with or without a verb ("heart size is normal", "heart
+             and mediastinum normal", "normal cardiomediastinal silhouette", "lungs clear" -> Lung
+             Opacity),
+  uncertain  for one of alternatives ("scarring or atelectasis", "atelectasis and/or infiltrate",
+             "atelectasis/infiltrate") and for costophrenic blunting (effusion or pleural
+             thickening),
   positive   otherwise.
+Mentions follow CheXpert's phrase lists where they differ from plain synonyms: scarring and
+interstitial markings are Lung Opacity, pleural(-parenchymal) scarring and fibrosis Pleural Other,
+"failure" and prominent central vasculature Edema. ``clause_mentions`` gives the mentions with
+their spans and values, for any extra pattern too (vocab/finding_sites.py uses it).
 Per report, mentions aggregate as CheXpert does: positive > uncertain > negative > not mentioned.
 "No Finding" is 1 when no observation other than Support Devices is positive or uncertain, else nan
 (CheXpert labeler / CheXbert convention: that head is blank-or-positive, never negative). Perihilar
@@ -30,13 +40,11 @@ every opacity word is an opacity mention, whatever else the sentence says.
 
 from __future__ import annotations
 
-import functools
 import re
 
 import numpy as np
 
 from vocab.observations import CHEXPERT_OBSERVATIONS, OBSERVATION_INDEX
-from vocab.report_text import clean_report, derive_anatomies
 
 POSITIVE, NEGATIVE, UNCERTAIN = 1.0, 0.0, -1.0
 NO_FINDING = OBSERVATION_INDEX["No Finding"]
@@ -49,10 +57,15 @@ _BE = r"(?: (?:is|are|isn't|aren't|appears?|remains?|seems?|looks?|was|were|has 
 _AND = r"(?: and (?:the )?(?:[\w-]+ ){0,2}?[\w-]+)?"  # "heart size and mediastinal contour are ..."
 _NORMAL = (
     r"(?:normal|within normal limits|unremarkable|not enlarged|stable and normal|top[- ]normal|"
-    r"upper limits? of normal)"
+    r"upper limits? (?:of )?normal|top normal)"
 )
 _HEART = r"(?:heart|cardiac silhouette|cardiac shadow|cardiac contours?|cardiac size|heart size|size of the heart)"
-_CMED = r"(?:cardiomediastinal|cardio-mediastinal|mediastinal|hilar and mediastinal|mediastinal and hilar)"
+_CMED = (
+    r"(?:cardiomediastinal|cardio-mediastinal|cardio mediastinal|mediastinal|hilar and mediastinal|"
+    r"mediastinal and hilar)"
+)
+# " is" / ":" or nothing ("heart size normal", "lungs clear")
+_BEO = rf"(?:{_BE})?"
 
 # observation -> (mention patterns, explicit-normal patterns). Lower-case text, word-bounded.
 _PATTERNS: dict[str, tuple[list[str], list[str]]] = {
@@ -66,9 +79,10 @@ _PATTERNS: dict[str, tuple[list[str], list[str]]] = {
             r"enlargement of the (?:cardio)?mediastin\w*(?: silhouette)?",
         ],
         [
-            rf"{_CMED} (?:silhouette|contours?|shadow)s?{_AND}{_BE} {_G}{_NORMAL}",
+            rf"{_CMED} (?:silhouette|contours?|shadow|size)s?{_AND}{_BEO} {_G}{_NORMAL}",
             rf"(?:normal|unremarkable) {_CMED} (?:silhouette|contours?|shadow)s?",
-            rf"(?:cardio-?)?mediastinum{_BE} {_G}(?:normal|unremarkable|within normal limits|midline)",
+            rf"(?:cardio-?)?mediastinum(?: size)?{_BEO} {_G}(?:normal|unremarkable|within normal limits|"
+            r"midline|of normal size)",
         ],
     ),
     "Cardiomegaly": (
@@ -83,7 +97,8 @@ _PATTERNS: dict[str, tuple[list[str], list[str]]] = {
             rf"{_HEART} enlargement",
         ],
         [
-            rf"{_HEART}{_AND}{_BE} {_G}(?:{_NORMAL}|normal in size|of normal size)",
+            rf"(?:{_HEART}|cardiac and mediastinal (?:contours?|silhouettes?)){_AND}{_BEO} {_G}"
+            rf"(?:{_NORMAL}|normal in size|of normal size)",
             r"(?:normal|unremarkable) (?:heart size|heart|cardiac size|cardiac silhouette|size of the heart|"
             r"cardiac contours?)",
             r"heart size normal",
@@ -101,10 +116,16 @@ _PATTERNS: dict[str, tuple[list[str], list[str]]] = {
             r"ground[- ]glass",
             r"air[- ]?space (?:disease|process|opacit(?:y|ies))",
             r"parenchymal (?:disease|process)",
+            r"(?<!pleural )(?<!parenchymal )(?<!pleural-parenchymal )(?<!pleuroparenchymal )"
+            r"scar(?:s|ring)?",
+            r"interstitial (?:markings?|prominence|opacit(?:y|ies)|densit(?:y|ies)|changes?|pattern|"
+            r"disease)",
+            r"reticular\w*",
+            r"(?:patchy|streaky|interstitial|increased|linear|airspace|hazy) densit(?:y|ies)",
         ],
         [
-            rf"(?:lungs?|lung fields?){_BE} {_G}(?:otherwise )?clear",
-            r"clear lungs?",
+            rf"(?:lungs?|lung fields?){_BEO} {_G}(?:otherwise )?clear",
+            r"clear (?:[\w-]+ )?lungs?",
             rf"lungs?{_BE} {_G}(?:otherwise )?(?:clear|normal|unremarkable)",
         ],
     ),
@@ -129,6 +150,9 @@ _PATTERNS: dict[str, tuple[list[str], list[str]]] = {
             r"congestive heart failure",
             r"\bchf",
             r"fluid overload",
+            r"(?:heart |cardiac )?failure",
+            r"pulmonary vascularity (?:is )?increased",
+            r"prominen\w* (?:of )?(?:the )?(?:central )?pulmonary vascula\w*",
             r"vascular (?:engorgement|redistribution)",
             r"cephalization",
             r"kerley b",
@@ -165,6 +189,7 @@ _PATTERNS: dict[str, tuple[list[str], list[str]]] = {
             r"hydropneumothora(?:x|ces)",
             r"blunt(?:ing|ed) (?:of )?(?:the )?(?:\w+ ){0,2}costophrenic",
             r"costophrenic (?:angle )?blunting",
+            r"costophrenic (?:[\w-]+ ){0,3}?(?:is |are )?blunted",
             r"layering fluid",
             r"fluid (?:in|within) the (?:\w+ )?(?:pleural|fissure)",
         ],
@@ -179,7 +204,9 @@ _PATTERNS: dict[str, tuple[list[str], list[str]]] = {
             r"fibrothorax",
             r"fibrosis",
             r"fibrotic",
-            r"(?:pleural|pleuro-?parenchymal|apical) scar(?:ring|s)?",
+            r"(?:pleural|pleuro-?parenchymal) scar(?:ring|s)?",
+            r"pleur(?:al|o)-? ?parenchymal",
+            r"(?:pleural|apical) capping",
             r"pleural reaction",
         ],
         [],
@@ -205,6 +232,10 @@ _PATTERNS: dict[str, tuple[list[str], list[str]]] = {
             r"portacath",
             r"\bport\b",
             r"drains?",
+            r"tubing",
+            r"stimulators?",
+            r"leads",
+            r"mediport",
             r"hardware",
             r"coils?",
             r"\bdevices?",
@@ -246,15 +277,20 @@ _TRIGGERS = {
         "air",
         "parenchymal",
         "lung",
+        "scar",
+        "interstitial",
+        "reticular",
+        "densit",
     ),
     "Lung Lesion": ("nodul", "mass", "lesion", "neoplasm", "tumo", "carcinoma", "malignan"),
-    "Edema": ("edema", "congest", "chf", "overload", "vascular", "cephaliz", "kerley", "venous"),
+    "Edema": ("edema", "congest", "chf", "overload", "vascular", "cephaliz", "kerley", "venous",
+              "failure", "vascula"),
     "Consolidation": ("consolidat",),
     "Pneumonia": ("pneumoni", "infect"),
     "Atelectasis": ("atelecta", "collaps"),
     "Pneumothorax": ("pneumothora", "ptx"),
     "Pleural Effusion": ("effusion", "fluid", "hydrothorax", "hydropneumothora", "costophrenic"),
-    "Pleural Other": ("pleura", "pleuro", "fibro", "scar"),
+    "Pleural Other": ("pleura", "pleuro", "fibro", "scar", "capping"),
     "Fracture": ("fractur", "fx"),
     "Support Devices": (
         "cathet",
@@ -282,6 +318,9 @@ _TRIGGERS = {
         "electrode",
         "filter",
         "line",
+        "tubing",
+        "stimulat",
+        "leads",
     ),
 }
 
@@ -294,6 +333,7 @@ _NEG_PRE = [
     r"absence of",
     r"\bnor\b",
     r"resolution of",
+    r"clearing of",
     r"\bresolved\b",
     r"removal of",
     r"clear of",
@@ -390,6 +430,10 @@ _BREAKERS = re.compile(
     r"(?<!consistent )(?<!compatible )\bwith\b|\bthere (?:is|are|has been|have been)\b|\bwhich\b|"
     r"\band (?=(?:the |a |an )?[\w-]+ (?:is|are|has|have|was|were|appears?|remains?)\b)"
 )
+# between two mentions offered as alternatives (a positive one becomes uncertain)
+_ALTERNATIVE = re.compile(r"\s*(?:,?\s*or|and\s*/\s*or|and or|/)\s*(?:[\w-]+\s+){0,2}?")
+# mentions that are uncertain in themselves: costophrenic blunting (effusion or pleural thickening)
+_HEDGED = re.compile(r"blunt")
 # "? pneumonia" stays whole
 _SENTENCES = re.compile(r"(?<=[.!])\s+|(?<=\w\?)\s+|\n+|(?<=[a-z])\.(?=[a-z])")
 
@@ -459,6 +503,10 @@ class RuleLabeler:
         return unc_pre + neg_pre, unc_post + neg_post
 
     def _label_clause(self, clause: str) -> list[tuple[int, float]]:
+        return self._values(clause, self._clause_mentions(clause))
+
+    def _clause_mentions(self, clause: str) -> list[tuple[int, int, int, bool]]:
+        """(index, start, end, is_normal) of every observation mention of one clause."""
         mentions = []
         for idx, triggers, pos_re, normal_re in self._mentions:
             if not any(t in clause for t in triggers):
@@ -466,16 +514,23 @@ class RuleLabeler:
             mentions += [(idx, m.start(), m.end(), False) for m in pos_re.finditer(clause)]
             if normal_re is not None:
                 mentions += [(idx, m.start(), m.end(), True) for m in normal_re.finditer(clause)]
+        return mentions
+
+    def _values(self, clause: str, mentions: list[tuple]) -> list[tuple[int, float]]:
+        """(index, value) of each mention ``(index, start, end, is_normal)`` of one clause."""
         if not mentions:
             return []
         values = []
         pre, post = self._cues(clause)
         starts = sorted(m[1] for m in mentions)
+        spans = sorted({(m[1], m[2]) for m in mentions if not m[3]})
         for idx, start, end, is_normal in mentions:
             # a tight post-cue ("versus", "possible", "?") reaches back only to the nearest mention,
-            # not past a comma
-            after = [c for c in post if c[0] >= end and not (c[3] and (
-                "," in clause[end:c[0]] or any(end <= s < c[0] for s in starts)))]
+            # a trailing negation ("... has resolved") not past a comma: "heart enlarged, effusion
+            # resolved" negates the effusion only
+            after = [c for c in post if c[0] >= end and not (
+                "," in clause[end:c[0]]
+                or (c[3] and any(end <= s < c[0] for s in starts)))]
             before = [c for c in pre if c[1] <= end]
             if any(c[2] == UNCERTAIN for c in after):
                 value = UNCERTAIN
@@ -484,10 +539,43 @@ class RuleLabeler:
                 value = max(before, key=lambda c: c[0])[2]
             elif after or is_normal:
                 value = NEGATIVE
+            elif _HEDGED.search(clause[start:end]) or self._alternative(clause, start, end, spans):
+                value = UNCERTAIN
             else:
                 value = POSITIVE
             values.append((idx, value))
         return values
+
+    @staticmethod
+    def _alternative(clause: str, start: int, end: int, spans: list[tuple[int, int]]) -> bool:
+        """A mention offered as one of alternatives: joined to a neighbouring mention by "or",
+        "and/or" or "/" ("scarring or atelectasis", "atelectasis/infiltrate")."""
+        for a, b in spans:
+            if b <= start and _ALTERNATIVE.fullmatch(clause[b:start]):
+                return True
+            if a >= end and _ALTERNATIVE.fullmatch(clause[end:a]):
+                return True
+        return False
+
+    def clause_mentions(self, sentence: str, extra: re.Pattern | None = None) -> list[tuple]:
+        """``[(clause, [(index, start, end, value)])]`` for one lower-case sentence: its clauses
+        and each mention's observation index (-1 for a match of ``extra``), span in the clause and
+        value (1, 0, -1), read with this labeler's scope, negation and uncertainty cues."""
+        out = []
+        for clause in _BREAKERS.split(sentence):
+            if not clause.strip():
+                continue
+            mentions = self._clause_mentions(clause)
+            if extra is not None:
+                mentions += [(-1, m.start(), m.end(), False) for m in extra.finditer(clause)]
+            values = self._values(clause, mentions)
+            out.append((clause, [(m[0], m[1], m[2], v) for m, (_, v) in zip(mentions, values)]))
+        return out
+
+    @staticmethod
+    def sentences(text: str) -> list[str]:
+        """The lower-case sentences the labeler reads in ``text``."""
+        return [s for s in _SENTENCES.split(_normalise(text)) if s.strip()]
 
     def _label_sentence(self, sentence: str) -> tuple:
         hit = self._cache.get(sentence)
@@ -507,8 +595,7 @@ class RuleLabeler:
     # ------------------------------------------------------------------------------------------
     def label_one(self, text: str) -> np.ndarray:
         out = np.full(len(CHEXPERT_OBSERVATIONS), np.nan)
-        text = re.sub(r"\s+", " ", (text or "").lower().replace("vs.", "vs"))
-        for sentence in _SENTENCES.split(text):
+        for sentence in _SENTENCES.split(_normalise(text)):
             for idx, value in self._label_sentence(sentence):
                 out[idx] = _merge(out[idx], value)
         others = np.delete(out, [NO_FINDING, SUPPORT_DEVICES])
@@ -524,27 +611,13 @@ class RuleLabeler:
     __call__ = label
 
 
+def _normalise(text: str) -> str:
+    return re.sub(r"\s+", " ", (text or "").lower().replace("vs.", "vs"))
+
+
 def _merge(old: float, new: float) -> float:
     """CheXpert aggregation of mentions: positive > uncertain > negative > not mentioned."""
     rank = {POSITIVE: 3, UNCERTAIN: 2, NEGATIVE: 1}
     if np.isnan(old):
         return new
     return old if rank[old] >= rank[new] else new
-
-
-@functools.cache
-def _shared_labeler() -> RuleLabeler:
-    return RuleLabeler()
-
-
-def finding_anatomies(report: str, graph) -> list[str]:
-    """Graph nodes named in the report's sentences that state a finding (the rule labeler reads a
-    positive or uncertain observation other than No Finding in them): "small right pleural effusion"
-    gives the right costophrenic angle, "the lungs are clear" gives nothing."""
-    labeler = _shared_labeler()
-    found: list[str] = []
-    for sentence in clean_report(report).split(" . "):
-        labels = np.delete(labeler.label_one(sentence), OBSERVATION_INDEX["No Finding"])
-        if np.any((labels == 1) | (labels == -1)):
-            found += [n for n in derive_anatomies(sentence, graph) if n not in found]
-    return found

@@ -54,82 +54,109 @@ def split_sentences(report: str) -> list[str]:
 # ----------------------------------------------------------------------------- anatomy mentions
 
 _SIDES = ("right", "left")
-# (regex of the anatomy term, node). "{side}" nodes are lateral: the side comes from a
-# "right"/"left" word just before the term (or inside it); both sides when there is none,
-# when both appear, or when the term itself is bilateral (plural, "bi-", "bilateral").
+# (regex of the anatomy term, node), in order of precedence: an earlier term wins the characters it
+# matches. "{side}" nodes are lateral (the side rule is ``_sides``).
+_LOWER = r"lower (?:lobes?|zones?|lung zones?|lungs?|lung fields?|chest)|lung bases?|bases|base|basilar"
 _TERMS: list[tuple[str, str]] = [
-    (r"upper (?:lobes?|zones?|lung zones?|lungs?|lung fields?)", "{side} upper lung zone"),
+    (r"(?:under|beneath|below) the (?:right |left )?(?:hemi)?diaphragms?|subdiaphragmatic"
+     r"|(?:right )?upper quadrant|upper abdomen|abdomen|abdominal|stomach|bowel|free air"
+     r"|pneumoperitoneum|intraperitoneal", "abdomen"),
+    (r"cardiac apex|aortic valves?|cardiac silhouette|heart|cardiac|cardiomegaly|ventricles?"
+     r"|ventricular|pericardial", "cardiac silhouette"),
+    (r"retrocardiac", "left lower lung zone"),
+    (r"upper (?:lobes?|zones?|lung zones?|lungs?|lung fields?|chest)", "{side} upper lung zone"),
     (r"lingula|lingular", "left mid lung zone"),
-    (r"middle lobe|mid (?:lung )?zones?|mid lungs?", "{side} mid lung zone"),
-    (
-        r"lower (?:lobes?|zones?|lung zones?|lungs?|lung fields?)|lung bases?|bases|base|basilar|basal"
-        r"|bibasilar|bibasal",
-        "{side} lower lung zone",
-    ),
+    (r"middle lobe|mid ?(?:lung )?zones?|mid ?lungs?|mid chest|mid hemithorax", "{side} mid lung zone"),
+    (rf"{_LOWER}|basal|bibasilar|bibasal", "{side} lower lung zone"),
     (r"apical zones?|apical|apices|apex|biapical", "{side} apical zone"),
-    (r"costophrenic (?:angles?|sulcus|sulci)", "{side} costophrenic angle"),
-    (r"(?:hemi)?diaphragms?|hemidiaphragmatic", "{side} hemidiaphragm"),
-    (r"hil(?:um|a|ar|ar structures)|perihilar", "{side} hilar structures"),
+    (r"costophrenic|costodiaphragmatic|cp angles?", "{side} costophrenic angle"),
+    (r"(?:hemi)?diaphragms?|(?:hemi)?diaphragmatic", "{side} hemidiaphragm"),
+    (r"hil(?:um|a|ar|ar structures)|perihilar|pulmonary arter(?:y|ies)|central pulmonary",
+     "{side} hilar structures"),
     (r"clavic(?:le|les|ular)", "{side} clavicle"),
-    (r"lungs?|pulmonary parenchyma", "{side} lung"),
-    (r"cardiac silhouette|heart|cardiac|cardiomegaly", "cardiac silhouette"),
-    (r"cardiomediastinal (?:silhouette|contours?)", "mediastinum"),
-    (
-        r"(?:upper|superior) mediastin(?:um|al)|mediastinal widening|widened mediastinum",
-        "upper mediastinum",
-    ),
+    (r"lungs?(?! volumes?)|pulmonary parenchyma|hemithorax", "{side} lung"),
+    (r"cardio ?-?mediastinal (?:silhouettes?|contours?|size)", "mediastinum"),
+    (r"(?:upper|superior) mediastin(?:um|al)|mediastinal widening|widened mediastinum"
+     r"|widening of the (?:superior |upper )?mediastinum|paratracheal"
+     r"|mediastinum (?:is |appears |remains )?(?:\w+ )?(?:widened|wide)", "upper mediastinum"),
     (r"mediastin(?:um|al)", "mediastinum"),
     (r"right atri(?:um|al)", "right atrium"),
-    (r"cavo-?atrial(?: junction)?", "cavoatrial junction"),
-    (r"aortic (?:knob|arch|knuckle)|aorta", "aortic arch"),
+    (r"cavo-?atrial(?: junction)?|caval? ?atrial junction", "cavoatrial junction"),
+    (r"aortic (?:knob|arch|knuckle)|aorta|aortic", "aortic arch"),
     (r"svc|superior vena cava", "superior vena cava"),
-    (r"trachea|tracheal", "trachea"),
-    (r"carina", "carina"),
-    (r"(?:thoracic )?spine|vertebra(?:e|l)?(?: bod(?:y|ies))?", "spine"),
-    (r"osseous structures|bony structures|bones|skeletal structures", "skeletal structures"),
-    (r"(?:upper )?abdomen|abdominal|stomach|bowel|subdiaphragmatic", "abdomen"),
+    (r"trachea|tracheal|endotracheal", "trachea"),
+    (r"carina|subcarinal", "carina"),
+    (r"(?:thoracic )?spine|t-spine|vertebra(?:e|l)?(?: bod(?:y|ies))?|vertebroplasty|\w*scoliosis"
+     r"|kyphos[ie]s|kyphotic|spondylosis|osteophytes?|thoracolumbar", "spine"),
+    (r"osseous structures|bony structures|bones|skeletal structures|bony thorax",
+     "skeletal structures"),
 ]
 _TERM_RES = [(re.compile(rf"\b(?:{pat})\b"), node) for pat, node in _TERMS]
-_BILATERAL = re.compile(r"^(?:bilateral|bi\w+)|(?:s|hila|sulci)$")   # "bibasilar", "bases", "hila"
+# a bilateral term: "bibasilar", "bases", "hila", "apices", "lungs", "bilateral ..."
+_BILATERAL = re.compile(r"^(?:bilateral|bi\w+)|(?:s|hila|sulci|apices)$")
+_WORD = re.compile(r"[a-z]+")
+_JOINERS = ("and", "or", "greater than", "more than", "worse than")
 
 
-def _sides_before(sentence: str, start: int, term: str) -> tuple[str, ...]:
-    """Side of a lateral term: the nearest "right"/"left" in the 4 words before it (or in
-    it); both for a bilateral or plural term, "right and left", "bilateral", or no side."""
+def _sides(sentence: str, start: int, end: int, term: str) -> tuple[str, ...]:
+    """Side(s) of a lateral term in its sentence: both for a bilateral or plural term; else the
+    nearest "right"/"left" before it anywhere in the sentence ("bilateral", "both", "right and
+    left", "left greater than right" -> both); else the first side word in the five words after
+    it ("pneumothorax on the right"); else both."""
     if _BILATERAL.search(term):
         return _SIDES
-    words = sentence[:start].split()[-4:] + term.split()
+    words = _WORD.findall(sentence[:start]) + _WORD.findall(term)
     for i in range(len(words) - 1, -1, -1):
         if words[i] in ("bilateral", "bilaterally", "both"):
             return _SIDES
         if words[i] in _SIDES:
-            if i >= 2 and words[i - 1] in ("and", "or") and words[i - 2] in _SIDES:
-                return _SIDES
-            return (words[i],)
+            other = _SIDES[1 - _SIDES.index(words[i])]
+            joined = " ".join(words[max(0, i - 3):i])
+            pair = any(joined.endswith(f"{other} {j}") for j in _JOINERS)
+            return _SIDES if pair else (words[i],)
+    for w in _WORD.findall(sentence[end:])[:5]:
+        if w in _SIDES:
+            return (w,)
+        if w in ("bilateral", "bilaterally", "both"):
+            return _SIDES
     return _SIDES
 
 
+def anatomy_mentions(text: str, graph, context: str | None = None) -> list[tuple[int, str]]:
+    """``[(position, node name)]`` of the anatomy terms of ``text`` (cleaned or raw; one
+    sentence or part of one), in order of mention. Lateral terms take their side from
+    ``context``, the sentence ``text`` is part of (default ``text`` itself), where ``text`` must
+    occur. Terms whose node is not in ``graph`` are left out."""
+    text = " ".join(_KEEP.sub(" ", text.lower().replace("/", " ")).split())
+    context = text if context is None else " ".join(
+        _KEEP.sub(" ", context.lower().replace("/", " ")).split())
+    offset = max(context.find(text), 0)
+    taken = [False] * len(text)   # an earlier-listed term wins its characters
+    found = []
+    for regex, node in _TERM_RES:
+        for m in regex.finditer(text):
+            if any(taken[m.start():m.end()]):
+                continue
+            taken[m.start():m.end()] = [True] * (m.end() - m.start())
+            if "{side}" in node:
+                sides = _sides(context, offset + m.start(), offset + m.end(), m.group(0))
+                names = [node.format(side=s) for s in sides]
+            else:
+                names = [node]
+            found += [(m.start(), n) for n in names if n in graph.index]
+    return sorted(found, key=lambda x: x[0])
+
+
 def derive_anatomies(report: str, graph) -> list[str]:
-    """Anatomy-graph nodes mentioned in a (cleaned or raw) report, in order of mention.
+    """Anatomy-graph nodes mentioned in a (cleaned or raw) report, in order of mention, each once.
 
     Terms whose node is not in ``graph`` are ignored; [] when nothing is mentioned.
     """
     found: list[str] = []
     for sentence in clean_report(report).split(" . "):
-        taken = [False] * len(sentence)   # a longer, earlier-listed term wins its characters
-        for regex, node in _TERM_RES:
-            for m in regex.finditer(sentence):
-                if any(taken[m.start():m.end()]):
-                    continue
-                taken[m.start():m.end()] = [True] * (m.end() - m.start())
-                names = (
-                    [node.format(side=s) for s in _sides_before(sentence, m.start(), m.group(0))]
-                    if "{side}" in node
-                    else [node]
-                )
-                for name in names:
-                    if name in graph.index and name not in found:
-                        found.append(name)
+        for _, name in anatomy_mentions(sentence, graph):
+            if name not in found:
+                found.append(name)
     return found
 
 

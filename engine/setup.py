@@ -14,10 +14,16 @@ from torch import nn
 
 from datasets.cxr import build_dataset
 from datasets.loaders import eval_loader, subset_loader, train_loader
-from datasets.tokenizer import checkpoint_tokenizers, run_tokenizers
+from datasets.tokenizer import TOKENIZER_DIRS, run_tokenizers, tokenizer_files
 from engine.optim import build_optimizer, wrap_ddp
 from models.ssacl import SSACL
-from utils.checkpoint import Checkpointer, count_parameters, load_partial
+from utils.checkpoint import (
+    Checkpointer,
+    count_parameters,
+    find_resume,
+    load_partial,
+    read_checkpoint,
+)
 from utils.config import add_config_args, load_config, save_config
 from utils.dist import DistInfo, barrier, init_distributed, is_main_process
 from utils.logging import TBWriter, setup_logging
@@ -90,31 +96,33 @@ class TrainingRun:
 
 
 def prepare_training(cfg, info: DistInfo, run_dir: Path) -> TrainingRun:
-    """Datasets, tokenizers (inherited from ``train.pretrained``'s run when set), the model (its
-    weights from ``train.pretrained``, partially), optimizer, checkpointer (resumed per
-    ``train.resume``), the location prior when the model needs one, DDP and the loaders."""
+    """Datasets, the checkpoint to resume (``train.resume``), tokenizers (datasets.tokenizer.
+    run_tokenizers: the resumed or ``train.pretrained`` checkpoint's), the model (its weights from
+    ``train.pretrained``, partially), optimizer, checkpointer (resumed), the location prior when
+    the model needs one, DDP and the loaders."""
     train_set = build_dataset(cfg, "train", train=True)
     val_set = build_dataset(cfg, "val", train=False)
     print(f"train: {len(train_set)} samples  val: {len(val_set)} samples")
+    resumed = find_resume(cfg.train.resume, run_dir)
     pretrained = cfg.train.pretrained
-    inherit = checkpoint_tokenizers(pretrained) if pretrained else None
-    text_tok, dec_tok, tok_dirs = run_tokenizers(
-        cfg, [s.report for s in train_set.samples], run_dir, inherit
+    pre = (pretrained, read_checkpoint(pretrained, "train.pretrained", ())) if pretrained else None
+    text_tok, dec_tok = run_tokenizers(
+        cfg, [s.report for s in train_set.samples], run_dir, resumed, pre
     )
     if is_main_process():
         save_config(cfg, run_dir / "config.yaml")
 
     model = SSACL.from_config(cfg, text_tok, dec_tok)  # loads model.vit.init (an MAE ViT) if set
-    if pretrained:
-        state = torch.load(pretrained, map_location="cpu", weights_only=True)
-        print(f"pretrained {pretrained}: {load_partial(model, state)}")
+    if pre:
+        print(f"pretrained {pretrained}: {load_partial(model, pre[1])}")
+    del pre
     model.to(info.device)
     print(f"model: {count_parameters(model)}; losses {model.weights}")
     optimizer, scaler = build_optimizer(cfg, model, info)
-    checkpointer = Checkpointer(
-        run_dir, cfg, model, optimizer, scaler, extra={"tokenizers": tok_dirs}
-    )
-    start_epoch, start_step = checkpointer.resume(cfg.train.resume)
+    extra = {"tokenizers": dict(TOKENIZER_DIRS), "tokenizer_files": tokenizer_files(run_dir)}
+    checkpointer = Checkpointer(run_dir, cfg, model, optimizer, scaler, extra)
+    start_epoch, start_step = checkpointer.resume(resumed)
+    del resumed
     ensure_location_prior(model, cfg, info)
     return TrainingRun(
         wrap_ddp(model, cfg, info),

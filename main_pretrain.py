@@ -30,7 +30,8 @@ def main(args):
             thresholds = calibrate_entity_thresholds(run.model, run.val_loader, info.device, cfg.train.amp)
             metrics.update({f"val/{k}": v for k, v in thresholds.items()})
         tb.add_scalars(metrics, step)
-        print(f"[val] epoch {epoch}: " + "  ".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
+        print(f"[val] epoch {epoch}: " + "  ".join(
+            f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in metrics.items()))
         return metrics
 
     train_epochs(run, cfg, info.device, tb, run_dir, validate)

@@ -21,12 +21,14 @@ Anatomy targets (``data.anatomies``): ``report`` (default) parses them from the 
 ``vocab.finding_sites.finding_anatomies``, the same parser for real and synthetic data;
 ``annotation`` takes the record's ``anatomies`` field (the parser where a record has none).
 
-Bad input (malformed record, empty report, missing or unreadable image) raises DataError
-naming the file and the record; with ``data.skip_bad`` it is skipped and counted instead:
-at construction for records and missing files, at ``__getitem__`` for unreadable images
-(the item is None, ``collate`` drops it, and a batch with nothing left is None - the
-engine skips it). ``bad_counts()`` / ``bad_summary()`` report the totals; the unreadable
-flags live in shared memory, so they include what DataLoader workers found.
+Bad input (malformed record, empty report or one without Latin letters, missing or
+unreadable image) raises DataError naming the file and the record; with ``data.skip_bad``
+it is skipped and counted instead: at construction for records and missing files; at
+``__getitem__`` an unreadable image is replaced by the next readable sample of the split
+(index i+1, i+2, ... wrapping round), so that a batch keeps its size on every rank.
+``bad_counts()`` / ``bad_summary()`` report the totals; the unreadable flags live in
+shared memory, so they include what DataLoader workers found
+(``datasets.loaders.skipped_counts`` adds up the ranks).
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ from datasets.annotation import DataError, frontal_index, load_annotation, valid
 from vocab.anatomy_graph import graph_from_name
 from vocab.finding_sites import finding_anatomies
 from vocab.labeler import RuleLabeler
-from vocab.report_text import clean_report
+from vocab.report_text import ReportTextError, usable_report
 
 MEAN, STD = 0.4978, 0.2449
 log = logging.getLogger(__name__)
@@ -129,24 +131,39 @@ class CXRDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int):
-        s = self.samples[i]
-        if self._unreadable[i]:
-            return None
-        try:
-            img = load_image(s.path)
-        except Exception as e:  # PIL raises many kinds
-            msg = f"{self.source}: {s.record}: cannot read image {s.path} (field 'image_path'): {e}"
-            if not self.skip_bad:
-                raise DataError(msg) from e
-            self._unreadable[i] = True
-            log.warning("skipped: %s", msg)
-            return None
-        return {"image": self.transform(img), "id": s.id, "report": s.report,
-                "labels": self.labels[i], "anatomies": self.anatomies[i], "index": i}
+    def __getitem__(self, i: int) -> dict:
+        """Sample ``i``; with skip_bad, if its image is unreadable, the next readable one (the
+        item's "index" and "id" are then that sample's)."""
+        for k in range(len(self.samples)):
+            j = (i + k) % len(self.samples)
+            if self._unreadable[j]:
+                continue
+            s = self.samples[j]
+            try:
+                img = load_image(s.path)
+            except Exception as e:  # PIL raises many kinds
+                msg = (f"{self.source}: {s.record}: cannot read image {s.path} "
+                       f"(field 'image_path'): {e}")
+                if not self.skip_bad:
+                    raise DataError(msg) from e
+                self._unreadable[j] = True
+                log.warning("skipped: %s (replaced by the next readable sample)", msg)
+                continue
+            return {"image": self.transform(img), "id": s.id, "report": s.report,
+                    "labels": self.labels[j], "anatomies": self.anatomies[j], "index": j}
+        raise DataError(f"{self.source}: no image of this split is readable (data.skip_bad "
+                        f"skipped all {len(self.samples)})")
+
+    def unreadable(self) -> torch.Tensor:
+        """bool [N]: the samples whose image was found unreadable (in any worker)."""
+        return self._unreadable.clone()
+
+    def mark_unreadable(self, flags: torch.Tensor) -> None:
+        """Add unreadable flags found elsewhere (other ranks) to this dataset's."""
+        self._unreadable |= flags.to(torch.bool).cpu()
 
     def bad_counts(self) -> dict[str, int]:
-        """Skipped inputs by kind: bad_record, empty_report, missing_image, no_frontal,
+        """Skipped inputs by kind: bad_record, empty_report, non_latin_report, missing_image, no_frontal,
         unreadable_image."""
         counts = {k: len(v) for k, v in self._load_bad.items()}
         counts["unreadable_image"] = int(self._unreadable.sum())
@@ -167,7 +184,8 @@ class CXRDataset(Dataset):
 
 
 def collate(samples: list) -> dict | None:
-    """Stack dataset items; None items (skipped bad images) are dropped; None if none is left."""
+    """Stack dataset items; None items (a dataset that drops bad samples) are left out; None if
+    none is left."""
     items = [s for s in samples if s is not None]
     if not items:
         return None
@@ -202,7 +220,7 @@ def build_dataset(cfg, split: str, train: bool, graph=None) -> CXRDataset:
     if d.max_samples > 0:
         records = records[:d.max_samples]
     bad: dict[str, list[str]] = {
-        "bad_record": [], "empty_report": [], "missing_image": [], "no_frontal": []
+        "bad_record": [], "empty_report": [], "non_latin_report": [], "missing_image": [], "no_frontal": []
     }
 
     def reject(kind: str, msg: str) -> None:
@@ -217,9 +235,10 @@ def build_dataset(cfg, split: str, train: bool, graph=None) -> CXRDataset:
             reject("bad_record", reason)
             continue
         where = f"record {str(rec['id'])!r} (#{pos})"
-        report = clean_report(rec["report"])
-        if not report:
-            reject("empty_report", f"{ann}: {where}: field 'report' is empty")
+        try:
+            report = usable_report(rec["report"])
+        except ReportTextError as e:
+            reject(e.kind, f"{ann}: {where}: field 'report' {e}")
             continue
         try:
             anat = _anatomy_mask(rec, d.anatomies, graph, strict)

@@ -6,6 +6,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from datasets.cxr import collate
+from utils.dist import all_reduce_sum, get_world_size
 
 
 class ResumableSampler(DistributedSampler):
@@ -74,3 +75,25 @@ def to_device(batch: dict, device) -> dict:
     return {
         k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
     }
+
+
+def empty_on_any_rank(batch, device) -> bool:
+    """True on every rank when ``batch`` is None (no readable sample) on any rank: the ranks then
+    skip it together and their collectives stay matched."""
+    empty = batch is None
+    if get_world_size() > 1:
+        empty = all_reduce_sum(torch.tensor([float(empty)], device=device)).item() > 0
+    return empty
+
+
+def skipped_counts(dataset, device) -> dict[str, int]:
+    """The inputs of ``dataset`` skipped under data.skip_bad, by kind, over every rank: records
+    rejected at load time (the same on every rank) and the distinct unreadable images any rank
+    found so far (their flags are merged into every rank's dataset, so ``bad_summary`` names them
+    all). {} for a dataset that does not count."""
+    if not hasattr(dataset, "bad_counts"):
+        return {}
+    if hasattr(dataset, "unreadable") and get_world_size() > 1:
+        flags = all_reduce_sum(dataset.unreadable().to(device=device, dtype=torch.float32))
+        dataset.mark_unreadable(flags > 0)
+    return dict(dataset.bad_counts())

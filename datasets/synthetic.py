@@ -3,6 +3,10 @@
     python -m datasets.synthetic --out data/synthetic --n 2000 --size 224 [--seed 0]
     generate(out, n, size=224, seed=0, workers=None) -> Path to annotation.json
 
+The output folder gets a marker file (``MARKER``); a re-run into a folder with it replaces its
+images/, masks/ and annotation.json. A non-empty folder without it is refused unless
+``--overwrite`` (``overwrite=True``).
+
 Each study is drawn from its own generator ``default_rng([seed, index])`` (the same
 output for any number of workers). It draws body soft tissue, both lungs (apex,
 hemidiaphragm domes, sharp costophrenic angles), ribs, lung markings, hila, heart,
@@ -606,12 +610,32 @@ def _write_study(job) -> dict:
     }
 
 
+MARKER = ".synthetic-data"
+
+
+def claim_folder(out: Path, overwrite: bool = False) -> None:
+    """Make ``out`` this generator's folder (its MARKER file). FileExistsError for a file, or for a
+    non-empty folder without the marker unless ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file() and not overwrite:
+        raise FileExistsError(
+            f"--out {out} is not empty and was not made by datasets.synthetic (no {MARKER} file): "
+            "its images/, masks/ and annotation.json would be replaced. Choose a new folder, or "
+            "pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("made by python -m datasets.synthetic, which replaces images/, "
+                              "masks/ and annotation.json here when run again\n")
+
+
 def generate(out, n: int, size: int = 224, seed: int = 0, workers: int | None = None,
              val_frac: float = 0.1, test_frac: float = 0.1, normal_frac: float = 0.3,
-             progress: bool = False) -> Path:
+             progress: bool = False, overwrite: bool = False) -> Path:
     """Write ``n`` studies under ``out`` (R2Gen layout + masks); returns the annotation.json path.
-    Existing images/ and masks/ under ``out`` are replaced."""
+    The images/ and masks/ of an earlier run are replaced; a non-empty folder that this generator
+    did not make is refused (FileExistsError) unless ``overwrite``."""
     out = Path(out)
+    claim_folder(out, overwrite)
     for sub in ("images", "masks"):
         shutil.rmtree(out / sub, ignore_errors=True)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -647,7 +671,12 @@ def _progress(it, total, show):
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="Generate synthetic chest X-rays in the R2Gen layout.")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", required=True,
+                    help="output folder: annotation.json, images/, masks/ (all replaced when this "
+                         "folder was made by an earlier run)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="write into a non-empty folder that this generator did not make, deleting "
+                         "its images/ and masks/")
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--seed", type=int, default=0)
@@ -657,6 +686,10 @@ def main(argv=None) -> None:
     ap.add_argument("--normal-frac", type=float, default=0.3)
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
+    try:
+        claim_folder(Path(args.out), args.overwrite)
+    except FileExistsError as e:
+        ap.error(str(e))
     path = generate(
         args.out,
         args.n,

@@ -12,10 +12,12 @@ loaded from any local Hugging Face tokenizer folder. Nothing is downloaded.
 """
 from __future__ import annotations
 
+import itertools
 import logging
+import tempfile
+from collections import Counter
 from pathlib import Path
 
-import torch
 from tokenizers import (
     Tokenizer,
     decoders,
@@ -27,6 +29,7 @@ from tokenizers import (
 )
 from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerFast
 
+from utils.checkpoint import CheckpointError, pack_files, unpack_files
 from utils.dist import barrier, is_main_process
 
 log = logging.getLogger(__name__)
@@ -46,14 +49,16 @@ def _save(tok: PreTrainedTokenizerFast, save_dir) -> PreTrainedTokenizerFast:
 
 def train_wordpiece(texts, vocab_size: int, save_dir=None) -> PreTrainedTokenizerFast:
     """A lower-cased BERT WordPiece tokenizer trained on ``texts`` (saved to ``save_dir`` if
-    given)."""
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    given). Deterministic: the same texts give the same vocabulary and ids in any process."""
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     specials = list(BERT_SPECIALS.values())
-    tok.train_from_iterator(
-        list(texts), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials)
-    )
+    words: Counter = Counter()
+    for text in texts:
+        words.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    tok = Tokenizer(models.WordPiece(_wordpiece_vocab(words, vocab_size, specials),
+                                     unk_token="[UNK]", continuing_subword_prefix="##"))
+    tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
@@ -62,6 +67,39 @@ def train_wordpiece(texts, vocab_size: int, save_dir=None) -> PreTrainedTokenize
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=512,
                                    clean_up_tokenization_spaces=False, **BERT_SPECIALS)
     return _save(fast, save_dir)
+
+
+def _wordpiece_vocab(words: Counter, vocab_size: int, specials: list[str]) -> dict[str, int]:
+    """The vocabulary of ``tokenizers``' WordPiece trainer (BPE merges whose non-initial pieces
+    carry "##"), learnt deterministically. That trainer numbers the "##x" pieces in hash-map order,
+    which breaks ties between equally frequent merges differently in every process. Here each
+    non-initial character becomes its own unused private-use character, so that a plain BPE trainer
+    (sorted alphabet, ties broken by id) learns the merges; the pieces are then mapped back."""
+    used = {c for w in words for c in w}
+    conts = sorted({c for w in words for c in w[1:]})
+    free = (chr(c) for c in itertools.chain(range(0xE000, 0xF900), range(0xF0000, 0xFFFFE),
+                                            range(0x100000, 0x10FFFE)) if chr(c) not in used)
+    mark = dict(zip(conts, free))
+    if len(mark) < len(conts):
+        raise ValueError(f"train_wordpiece: {len(conts)} distinct characters, too many to train on")
+    back = {m: c for c, m in mark.items()}
+
+    def marked():  # every word as often as it occurs, in chunks of whitespace-separated copies
+        for word, count in sorted(words.items()):
+            w = word[0] + "".join(mark[c] for c in word[1:])
+            for start in range(0, count, 1000):
+                yield " ".join([w] * min(1000, count - start))
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    bpe.train_from_iterator(marked(), trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, show_progress=False))
+    vocab = {}
+    for piece, i in bpe.get_vocab().items():
+        if piece not in specials:
+            piece = ("##" if piece[0] in back else "") + "".join(back.get(c, c) for c in piece)
+        vocab[piece] = i
+    return vocab
 
 
 def train_bpe(texts, vocab_size: int, save_dir=None) -> PreTrainedTokenizerFast:
@@ -136,29 +174,79 @@ def build_tokenizers(cfg, train_reports, save_dir=None):
 TOKENIZER_DIRS = {"text": "tokenizers/text_tokenizer", "decoder": "tokenizers/decoder_tokenizer"}
 
 
-def run_tokenizers(cfg, train_reports, run_dir, inherit: dict | None = None):
-    """The run's tokenizers, saved under run_dir/tokenizers/ so that its checkpoints reload without
-    the data: the run dir's own (resume) > ``inherit`` (folders of the pretraining run, used
-    where the config names none) > cfg.model.*.tokenizer > trained on ``train_reports``. Rank 0
-    builds, the others load. cfg.model.*.tokenizer then point at the saved folders. Returns
-    (text_tok, decoder_tok, folders relative to the run dir) - the latter go into every
-    checkpoint."""
-    for key, folder in (inherit or {}).items():
-        section = cfg.model.text if key == "text" else cfg.model.decoder
-        if not section.tokenizer:
-            section.tokenizer = str(folder)
+def run_tokenizers(cfg, train_reports, run_dir, resumed=None, pretrained=None):
+    """The run's tokenizers, kept in run_dir/tokenizers/ and stored in its checkpoints
+    (``tokenizer_files``). Per tokenizer, the first of: those of the checkpoint resumed from
+    (``resumed`` = (path, checkpoint dict)), wherever it lies - they replace the run dir's; the run
+    dir's own; those of the ``train.pretrained`` checkpoint (``pretrained``, same form) where the
+    config names none; cfg.model.*.tokenizer (or the one in cfg.model.*.path); trained on
+    ``train_reports``. Rank 0 builds, the others load. cfg.model.*.tokenizer then point at the
+    run's folders. Returns (text_tok, decoder_tok)."""
     save_dir = Path(run_dir) / "tokenizers"
-    toks = build_tokenizers(cfg, train_reports, save_dir) if is_main_process() else None
+    toks = None
+    if is_main_process():
+        if resumed is not None:
+            _adopt(stored_tokenizer_files(*resumed), resumed[0], save_dir, replace=True)
+        elif pretrained is not None:
+            named = {"text": cfg.model.text.tokenizer, "decoder": cfg.model.decoder.tokenizer}
+            if not all(named.values()):
+                files = stored_tokenizer_files(*pretrained)
+                _adopt({k: v for k, v in files.items() if not named[k]}, pretrained[0], save_dir)
+        toks = build_tokenizers(cfg, train_reports, save_dir)
     barrier()
     if toks is None:
         toks = build_tokenizers(cfg, train_reports, save_dir)
     cfg.model.text.tokenizer = str((Path(run_dir) / TOKENIZER_DIRS["text"]).resolve())
     cfg.model.decoder.tokenizer = str((Path(run_dir) / TOKENIZER_DIRS["decoder"]).resolve())
-    return toks[0], toks[1], dict(TOKENIZER_DIRS)
+    return toks
 
 
-def checkpoint_tokenizers(path) -> dict[str, Path]:
-    """Tokenizer folders recorded in a checkpoint, resolved against the checkpoint's own folder."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    rel = ckpt.get("extra", {}).get("tokenizers") or TOKENIZER_DIRS
-    return {k: Path(path).resolve().parent / v for k, v in rel.items()}
+def _adopt(files: dict, source, save_dir: Path, replace: bool = False) -> None:
+    """Write the stored tokenizers ``files`` ({"text"|"decoder": files}) of checkpoint ``source``
+    into the run's folders: all of them with ``replace`` (saying which differed), else only where
+    the run dir has none."""
+    for key, content in files.items():
+        out = save_dir / f"{key}_tokenizer"
+        if _has_tokenizer(out):
+            if not replace:
+                continue
+            if not _same_files(pack_files(out), content):
+                print(f"tokenizers: {out} replaced by the {key} tokenizer stored in {source}")
+        unpack_files(content, out)
+
+
+def _same_files(a: dict, b: dict) -> bool:
+    def raw(v):
+        return v.encode() if isinstance(v, str) else v.numpy().tobytes()
+    return a.keys() == b.keys() and all(raw(a[k]) == raw(b[k]) for k in a)
+
+
+def tokenizer_files(run_dir) -> dict:
+    """The run's tokenizers as every checkpoint stores them (extra["tokenizer_files"]):
+    {"text": files, "decoder": files}, each the ``utils.checkpoint.pack_files`` of its folder."""
+    return {k: pack_files(Path(run_dir) / d) for k, d in TOKENIZER_DIRS.items()}
+
+
+def stored_tokenizer_files(path, ckpt: dict) -> dict:
+    """{"text": files, "decoder": files} of the checkpoint ``ckpt`` read from ``path``: stored in it,
+    or (written before tokenizers were stored) read from the folders its extra["tokenizers"] names
+    next to it. CheckpointError naming the file when there are none."""
+    extra = ckpt.get("extra") or {}
+    if extra.get("tokenizer_files"):
+        return extra["tokenizer_files"]
+    files = {}
+    for key, rel in (extra.get("tokenizers") or TOKENIZER_DIRS).items():
+        folder = Path(path).resolve().parent / rel
+        if not _has_tokenizer(folder):
+            raise CheckpointError(f"{path} stores no tokenizers, and the {key} tokenizer folder of "
+                                  f"its run, {folder}, has none")
+        files[key] = pack_files(folder)
+    return files
+
+
+def checkpoint_tokenizers(path, ckpt: dict):
+    """(text_tokenizer, decoder_tokenizer) of a checkpoint (``stored_tokenizer_files``)."""
+    files = stored_tokenizer_files(path, ckpt)
+    with tempfile.TemporaryDirectory() as tmp:
+        return tuple(load_tokenizer(unpack_files(files[k], Path(tmp) / k))
+                     for k in ("text", "decoder"))

@@ -2,7 +2,8 @@
 
 Generation runs on every rank over a ``DistributedSampler(shuffle=False)`` shard; that sampler pads
 the last shards by repeating samples, so rows are de-duplicated by dataset index after gathering on
-rank 0, which scores them and writes ``generated.jsonl`` and ``metrics.json``. The model is used
+rank 0, which scores them and writes ``generated.jsonl`` and ``metrics.json`` (with the split's
+inputs skipped under data.skip_bad, by kind). The model is used
 through ``model(batch)``, ``generate``, ``heatmaps``, ``prior_heatmaps`` and ``leaf_names``.
 """
 
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from datasets.loaders import to_device
+from datasets.loaders import empty_on_any_rank, skipped_counts, to_device
 from engine.optim import autocast, resolve_amp
 from engine.overlays import write_overlay_batch
 from metrics.clinical import format_table, labeler_from_config
@@ -34,13 +35,17 @@ from utils.seed import sample_keys
 
 @torch.no_grad()
 def evaluate_loss(model, loader, device, amp="fp32", seed: int = 0) -> dict[str, float]:
-    """Sample-weighted mean of every loss term over the loader, all-reduced over ranks; each sample's
-    random draws (masking) come from (seed, its index), the same at every evaluation. (With a
-    padded DistributedSampler the few repeated samples count twice; the bias is negligible.)"""
+    """Sample-weighted mean of every loss term over the loader, all-reduced over ranks, and
+    "num_skipped": the split's inputs skipped under data.skip_bad (every rank). Each sample's random
+    draws (masking) come from (seed, its index), the same at every evaluation. A batch with no
+    readable sample (None) is skipped on every rank. (With a padded DistributedSampler the few
+    repeated samples count twice; the bias is negligible.)"""
     model.eval()
     dtype = resolve_amp(amp, device)
     keys, sums, count = None, None, 0
     for batch in loader:
+        if empty_on_any_rank(batch, device):
+            continue
         batch = to_device(batch, device)
         batch["noise_key"] = sample_keys(seed, -1, batch["index"])
         with autocast(device, dtype):
@@ -51,12 +56,14 @@ def evaluate_loss(model, loader, device, amp="fp32", seed: int = 0) -> dict[str,
         sums = terms if sums is None else sums + terms
         count += n
     if keys is None:
-        raise ValueError("evaluate_loss: the loader is empty")
+        raise ValueError("evaluate_loss: the loader gave no readable sample")
     total = all_reduce_sum(
         torch.cat([sums.double(), sums.new_tensor([float(count)], dtype=torch.float64)])
     )
     total = total.tolist()
-    return {k: total[i] / total[-1] for i, k in enumerate(keys)}
+    skipped = skipped_counts(getattr(loader, "dataset", None), device)
+    return {**{k: total[i] / total[-1] for i, k in enumerate(keys)},
+            "num_skipped": sum(skipped.values())}
 
 
 def score_reports(rows: list[dict], cfg, device="cpu") -> tuple[dict[str, float], dict]:
@@ -137,6 +144,7 @@ def generate_and_score(
                 visuals.append((batch["image"][j].float().cpu(), heat[j].cpu(), rows[-1]))
 
     gathered = gather_objects(rows)
+    skipped = skipped_counts(getattr(loader, "dataset", None), device)
     metrics = None
     if is_main_process():
         unique = sorted({r["index"]: r for part in reversed(gathered) for r in part}.values(),
@@ -151,8 +159,12 @@ def generate_and_score(
                 {f"prior_{k}": v for k, v in prior.items() if k != "pointing_game_by_leaf"}
             )
         metrics["num_studies"] = len(unique)
+        metrics["num_skipped"] = sum(skipped.values())
+        if metrics["num_skipped"]:
+            print(f"[{prefix}] skipped inputs (data.skip_bad): "
+                  + ", ".join(f"{k} {v}" for k, v in skipped.items() if v))
         out_dir = Path(out_dir)
-        _write(out_dir, unique, {**metrics, "clinical_efficacy": ce})
+        _write(out_dir, unique, {**metrics, "skipped": skipped, "clinical_efficacy": ce})
         paths = (
             write_overlay_batch(out_dir / "overlays", visuals, net.leaf_names) if visuals else []
         )

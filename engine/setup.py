@@ -14,10 +14,16 @@ from torch import nn
 
 from datasets.cxr import build_dataset
 from datasets.loaders import eval_loader, subset_loader, train_loader
-from datasets.tokenizer import checkpoint_tokenizers, run_tokenizers
+from datasets.tokenizer import TOKENIZER_DIRS, run_tokenizers, tokenizer_files
 from engine.optim import build_optimizer, wrap_ddp
 from models.ssacl import SSACL
-from utils.checkpoint import Checkpointer, count_parameters, load_partial
+from utils.checkpoint import (
+    Checkpointer,
+    count_parameters,
+    find_resume,
+    load_partial,
+    read_checkpoint,
+)
 from utils.config import add_config_args, load_config, save_config
 from utils.dist import DistInfo, barrier, init_distributed, is_main_process
 from utils.logging import TBWriter, setup_logging
@@ -90,43 +96,39 @@ class TrainingRun:
 
 
 def prepare_training(cfg, info: DistInfo, run_dir: Path) -> TrainingRun:
-    """Datasets, tokenizers (inherited from ``train.pretrained``'s run when set), the model (its
-    weights from ``train.pretrained``, partially), optimizer, checkpointer (resumed per
-    ``train.resume``), the location prior when the model needs one, DDP and the loaders."""
+    """Datasets, the checkpoint to resume (``train.resume``), tokenizers (datasets.tokenizer.
+    run_tokenizers: the resumed or ``train.pretrained`` checkpoint's), the model (its weights from
+    ``train.pretrained``, partially), optimizer, checkpointer (resumed), the location prior when
+    the model needs one, DDP and the loaders."""
     train_set = build_dataset(cfg, "train", train=True)
     val_set = build_dataset(cfg, "val", train=False)
     print(f"train: {len(train_set)} samples  val: {len(val_set)} samples")
+    resumed = find_resume(cfg.train.resume, run_dir)
     pretrained = cfg.train.pretrained
-    inherit = checkpoint_tokenizers(pretrained) if pretrained else None
-    text_tok, dec_tok, tok_dirs = run_tokenizers(
-        cfg, [s.report for s in train_set.samples], run_dir, inherit
+    pre = (pretrained, read_checkpoint(pretrained, "train.pretrained", ())) if pretrained else None
+    text_tok, dec_tok = run_tokenizers(
+        cfg, [s.report for s in train_set.samples], run_dir, resumed, pre
     )
     if is_main_process():
         save_config(cfg, run_dir / "config.yaml")
 
     model = SSACL.from_config(cfg, text_tok, dec_tok)  # loads model.vit.init (an MAE ViT) if set
-    if pretrained:
-        load_pretrained(model, pretrained, cfg.train.allow_partial)
+    if pre:
+        load_pretrained(model, *pre, allow_partial=cfg.train.allow_partial)
+    del pre
     if model.entity_head is not None:  # positive weights of the imbalanced targets
         model.entity_head.set_prevalence(train_set.labels, train_set.anatomies, cfg.model.entity.max_pos_weight)
     model.to(info.device)
     print(f"model: {count_parameters(model)}; losses {model.weights}")
     optimizer, scaler = build_optimizer(cfg, model, info)
-    checkpointer = Checkpointer(
-        run_dir, cfg, model, optimizer, scaler, extra={"tokenizers": tok_dirs}
-    )
-    start_epoch, start_step = checkpointer.resume(cfg.train.resume)
+    extra = {"tokenizers": dict(TOKENIZER_DIRS), "tokenizer_files": tokenizer_files(run_dir)}
+    checkpointer = Checkpointer(run_dir, cfg, model, optimizer, scaler, extra)
+    start_epoch, start_step = checkpointer.resume(resumed)
+    del resumed
     ensure_location_prior(model, cfg, info)
-    return TrainingRun(
-        wrap_ddp(model, cfg, info),
-        optimizer,
-        scaler,
-        checkpointer,
-        train_loader(train_set, cfg, info),
-        eval_loader(val_set, cfg, info),
-        start_epoch,
-        start_step,
-    )
+    return TrainingRun(wrap_ddp(model, cfg, info), optimizer, scaler, checkpointer,
+                       train_loader(train_set, cfg, info), eval_loader(val_set, cfg, info),
+                       start_epoch, start_step)
 
 
 def ensure_location_prior(model: SSACL, cfg, info: DistInfo) -> None:
@@ -137,18 +139,17 @@ def ensure_location_prior(model: SSACL, cfg, info: DistInfo) -> None:
         return
     dataset = build_dataset(cfg, "train", train=False)
     limit = cfg.model.location_prior.max_images
-    print(
-        f"location prior: estimating from {min(limit, len(dataset)) if limit > 0 else len(dataset)} training images"
-    )
+    print(f"location prior: estimating from {min(limit, len(dataset)) if limit > 0 else len(dataset)} "
+          "training images")
     model.fit_location_prior(subset_loader(dataset, limit, cfg, info))
 
 
-def load_pretrained(model: SSACL, path, allow_partial: bool = False) -> None:
-    """The weights of an SS-ACL checkpoint (grid-shaped entries resized to this resolution). Keys of
-    modules this model does not build are skipped; a model key left unfilled or of another shape is
-    an error naming the keys unless ``allow_partial`` (train.allow_partial)."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    report = load_partial(model, model.adapt_state_dict(state["model"]))
+def load_pretrained(model: SSACL, path, checkpoint: dict, allow_partial: bool = False) -> None:
+    """The weights of an SS-ACL checkpoint read from ``path`` (grid-shaped entries resized to this
+    resolution). Keys of modules this model does not build are skipped; a model key left unfilled or
+    of another shape is an error naming the keys unless ``allow_partial`` (train.allow_partial)."""
+    state = checkpoint["model"] if isinstance(checkpoint.get("model"), dict) else checkpoint
+    report = load_partial(model, model.adapt_state_dict(state))
     print(f"pretrained {path}: {report}")
     mismatched = [k for k, why in report.skipped.items() if why.startswith("shape")]
     if (report.missing or mismatched) and not allow_partial:

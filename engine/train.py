@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from datasets.loaders import to_device
+from datasets.loaders import empty_on_any_rank, skipped_counts, to_device
 from engine.optim import autocast, resolve_amp
 from utils import lr_sched
 from utils.dist import all_reduce_sum, get_rank, get_world_size, is_main_process
@@ -159,7 +159,8 @@ def train_one_epoch(model, loader, optimizer, scaler, epoch: int, cfg, device, t
                                           o.warmup_epochs, o.epochs)
             group = AccumulationGroup()
         last = it % accum == accum - 1
-        group.dropped = group.dropped or _empty_on_any_rank(batch, cfg.data.skip_bad, device)
+        if cfg.data.skip_bad:  # a dataset that drops bad samples may give None
+            group.dropped = group.dropped or empty_on_any_rank(batch, device)
         if not group.dropped:
             batch = to_device(batch, device)
             batch["noise_key"] = sample_keys(cfg.seed, epoch, batch["index"])  # per-sample draws
@@ -217,15 +218,6 @@ def _steps_per_epoch(num_batches: int, accum: int, start_step: int) -> int:
     return num_batches // accum
 
 
-def _empty_on_any_rank(batch, skip_bad: bool, device) -> bool:
-    """collate gives None when every sample of a batch was unreadable (data.skip_bad): that
-    accumulation group is dropped, on every rank."""
-    empty = batch is None
-    if skip_bad and get_world_size() > 1:
-        empty = all_reduce_sum(torch.tensor([float(empty)], device=device)).item() > 0
-    return empty
-
-
 def _account(result: StepResult, counts: dict, train_cfg, where: str, print_fn) -> None:
     """Count the step's samples and skips; a non-finite step stops the run under
     train.nonfinite=stop or after train.max_nonfinite of them in one epoch."""
@@ -253,14 +245,8 @@ def _gpu_memory(device) -> dict[str, float]:
 
 
 def _bad_counts(dataset, device, print_fn) -> dict:
-    """The dataset's skipped inputs (data.skip_bad): load-time counts are the same on every rank,
-    unreadable images are summed over ranks."""
-    if not hasattr(dataset, "bad_counts"):
-        return {}
-    counts = dict(dataset.bad_counts())
-    if "unreadable_image" in counts:
-        total = all_reduce_sum(torch.tensor([float(counts["unreadable_image"])], device=device))
-        counts["unreadable_image"] = int(total.item())
+    """The dataset's skipped inputs so far (data.skip_bad), over every rank, as bad_<kind>."""
+    counts = skipped_counts(dataset, device)
     if any(counts.values()):
         print_fn("skipped bad inputs: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v))
         if dataset.bad_summary():
@@ -269,9 +255,9 @@ def _bad_counts(dataset, device, print_fn) -> dict:
 
 
 def train_epochs(run, cfg, device, tb, run_dir, validate) -> None:
-    """The epoch loop of every entry point over a ``engine.setup.TrainingRun``: train,
+    """The epoch loop of every entry point over a ``engine.setup.TrainingRun``: train, checkpoint,
     ``validate(epoch, step) -> metrics`` every ``train.eval_every`` epochs (and after the last),
-    checkpoint, and append the epoch's stats to log_stats.jsonl."""
+    record them (best checkpoint), and append the epoch's stats to log_stats.jsonl."""
     print(
         f"start training at epoch {run.start_epoch} (batch {run.start_step}) of {cfg.optim.epochs}"
     )
@@ -290,10 +276,11 @@ def train_epochs(run, cfg, device, tb, run_dir, validate) -> None:
             on_step=run.checkpointer.on_step,
         )
         start_step, step = 0, stats["global_step"]
+        run.checkpointer.end_epoch(epoch, step)  # before validation, which may fail
         metrics = {}
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.optim.epochs:
             metrics = validate(epoch, step)
-        run.checkpointer.end_epoch(epoch, step, metrics)
+            run.checkpointer.validated(epoch, step, metrics)
         if is_main_process():
             with open(run_dir / "log_stats.jsonl", "a") as f:
                 train_stats = {f"train/{k}": v for k, v in stats.items()}

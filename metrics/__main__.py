@@ -68,7 +68,10 @@ def main(argv: list[str] | None = None) -> dict:
         "--json", default=None, metavar="OUT", help="also write every number to OUT as JSON"
     )
     args = ap.parse_args(argv)
-    records = read_jsonl(args.file)
+    try:
+        records = read_jsonl(args.file)
+    except (OSError, ValueError) as e:
+        ap.error(str(e))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         labeler = build_labeler(args.labeler, args.chexbert_path, args.chexbert_bert, args.device,

@@ -13,8 +13,8 @@ from metrics.nlg import score_nlg
 
 
 def read_jsonl(path: str) -> list[dict]:
-    """Records with str "id", "generated" and "references" (list); raises on malformed lines or
-    duplicate ids."""
+    """Records with str "id", "generated" and "references" (a non-empty list; null counts as "");
+    raises ValueError naming the file, line and field on malformed lines or duplicate ids."""
     records, seen = [], {}
     with open(path) as f:
         for n, line in enumerate(f, 1):
@@ -24,6 +24,8 @@ def read_jsonl(path: str) -> list[dict]:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not JSON ({e})") from e
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{n}: not a JSON object ({type(rec).__name__})")
             for key in ("generated", "reference"):
                 if key not in rec:
                     raise ValueError(f"{path}:{n}: missing {key!r}")
@@ -32,6 +34,13 @@ def read_jsonl(path: str) -> list[dict]:
                 raise ValueError(f"{path}:{n}: duplicate id {rid!r} (first on line {seen[rid]})")
             seen[rid] = n
             refs = rec["reference"] if isinstance(rec["reference"], list) else [rec["reference"]]
+            if not refs:
+                raise ValueError(f"{path}:{n}: 'reference' is an empty list (give at least one)")
+            for key, values in (("generated", [rec["generated"]]), ("reference", refs)):
+                bad = [v for v in values if v is not None and not isinstance(v, str)]
+                if bad:
+                    raise ValueError(f"{path}:{n}: {key!r} must be a string (or a list of strings "
+                                     f"for 'reference'), got {type(bad[0]).__name__} {bad[0]!r}")
             records.append(
                 {
                     "id": rid,

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from datasets.tokenizer import checkpoint_tokenizers, load_tokenizer
+from datasets.tokenizer import checkpoint_tokenizers
 from models.consistency import AnatomicalConsistency
 from models.contrastive import ImageReportContrastive
 from models.entity_head import EntityHead, format_prompt
@@ -30,7 +30,7 @@ from models.region_recon import PixelRegionReconstruction, RegionDecoder
 from models.report_decoder import build_report_decoder, visual_prefix
 from models.text_encoder import TextEncoder
 from models.vit import VisionTransformer
-from utils.checkpoint import count_parameters
+from utils.checkpoint import count_parameters, read_checkpoint
 from utils.config import differences, with_defaults
 from utils.seed import sample_noise
 from vocab.anatomy_graph import AnatomyGraph, graph_from_name
@@ -144,11 +144,11 @@ class SSACL(nn.Module):
     @classmethod
     def from_checkpoint(cls, path, cfg, device) -> SSACL:
         """The SSACL of a checkpoint, for evaluation / prediction: architecture (model, loss
-        weights, image size) and tokenizers from the checkpoint and its run dir, weights loaded
+        weights, image size) and tokenizers from the checkpoint (wherever it lies), weights loaded
         strictly. ``cfg`` is updated in place with those sections (data paths and eval settings
         stay the caller's); a model key newer than the checkpoint takes its default. Images are
         then read at the encoder's size (no super-resolution target is needed to generate)."""
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = read_checkpoint(path, "--checkpoint", ("model", "config"))
         saved, source = ckpt["config"], f"{path} (its stored config)"
         stored = {"model": with_defaults("model", saved["model"], source),
                   "loss": with_defaults("loss", saved["loss"], source)}
@@ -160,8 +160,7 @@ class SSACL(nn.Module):
         cfg.data.image_size = saved["data"]["image_size"]
         cfg.data.sr_scale = saved["data"].get("sr_scale", 1)
         cfg.model.vit.init = None  # the checkpoint holds the weights
-        folders = checkpoint_tokenizers(path)
-        model = cls.from_config(cfg, load_tokenizer(folders["text"]), load_tokenizer(folders["decoder"]))
+        model = cls.from_config(cfg, *checkpoint_tokenizers(path, ckpt))
         model.load_state_dict(model.adapt_state_dict(ckpt["model"]))
         cfg.data.sr_scale = 1
         print(f"loaded {Path(path)} (epoch {ckpt.get('epoch')}, step {ckpt.get('step')}): "

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import nn
 
-from utils.checkpoint import PartialLoadReport, load_partial
+from utils.checkpoint import PartialLoadReport, load_partial, read_checkpoint
 
 LayerNorm = partial(nn.LayerNorm, eps=1e-6)
 
@@ -314,4 +314,4 @@ class VisionTransformer(nn.Module):
 def _load_file(path) -> dict:
     # Full MAE training checkpoints also store their argparse Namespace.
     with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return read_checkpoint(path, "model.vit.init", required=())

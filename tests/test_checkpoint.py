@@ -184,3 +184,127 @@ def test_resume_reseeds_each_rank_deterministically(tmp_path, monkeypatch):
         draws.setdefault(rank, []).append((random.random(), np.random.rand(), torch.rand(1).item()))
     assert draws[1][0] == draws[1][1]  # same checkpoint, same rank: same stream
     assert all(a != b for a, b in zip(draws[0][0], draws[1][0]))  # ranks differ in every generator
+
+
+def test_unusable_files_are_named_errors(tmp_path):
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "notes.pth").write_text("these are my notes\n")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pth")
+    torch.save(torch.zeros(2), tmp_path / "tensor.pth")
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"model": Evil()}, tmp_path / "evil.pth")
+    for name, says in [("missing.pth", "does not exist"), ("empty.pth", "is empty (0 bytes)"),
+                       ("notes.pth", "is not a readable PyTorch checkpoint"),
+                       ("other.pth", "has no 'model' entry"), ("tensor.pth", "holds a Tensor"),
+                       ("evil.pth", "not weights-only")]:
+        with pytest.raises(ck.CheckpointError) as e:
+            ck.read_checkpoint(tmp_path / name, "--checkpoint")
+        assert str(e.value).startswith(f"--checkpoint: {tmp_path / name} ") and says in str(e.value)
+    with pytest.raises(ck.CheckpointError, match="empty.pth is empty"):
+        ck.load_checkpoint(tmp_path / "empty.pth", Tiny())
+
+
+def truncated_copy(src, dst):
+    data = src.read_bytes()
+    dst.write_bytes(data[: len(data) // 2])
+
+
+def test_resume_auto_falls_back_to_the_newest_intact_checkpoint(tmp_path):
+    model, opt = trained(1)
+    for epoch in (1, 2):
+        ck.save_checkpoint(tmp_path / f"checkpoint-{epoch - 1:04d}.pth", model=model,
+                           optimizer=opt, epoch=epoch, step=10 * epoch, cfg=None)
+    truncated_copy(tmp_path / "checkpoint-0001.pth", tmp_path / "checkpoint-last.pth")
+    said = []
+    path, ckpt = ck.find_resume("auto", tmp_path, print_fn=said.append)
+    assert path.name == "checkpoint-0001.pth" and ckpt["epoch"] == 2
+    assert len(said) == 1 and "checkpoint-last.pth is not a readable PyTorch checkpoint" in said[0]
+    assert "trying the next older checkpoint" in said[0]
+    truncated_copy(tmp_path / "checkpoint-0000.pth", tmp_path / "checkpoint-0001.pth")
+    path, ckpt = ck.find_resume("auto", tmp_path, print_fn=said.append)
+    assert path.name == "checkpoint-0000.pth" and ckpt["epoch"] == 1
+    (tmp_path / "checkpoint-0000.pth").write_bytes(b"")
+    with pytest.raises(ck.CheckpointError, match="no intact checkpoint in .* \\(tried "
+                       "checkpoint-last.pth, checkpoint-0001.pth, checkpoint-0000.pth\\)"):
+        ck.find_resume("auto", tmp_path, print_fn=said.append)
+    assert ck.find_resume("", tmp_path) is None
+    assert ck.find_resume("auto", tmp_path / "fresh", print_fn=said.append) is None
+    with pytest.raises(ck.CheckpointError, match="train.resume: .*checkpoint-0000.pth is empty"):
+        ck.find_resume(str(tmp_path / "checkpoint-0000.pth"), tmp_path)
+
+
+def test_stale_temporary_files_are_removed_at_start(tmp_path, capsys):
+    (tmp_path / ".checkpoint-last.pth.tmp4242").write_bytes(b"half a checkpoint")
+    (tmp_path / ".checkpoint-0003.pth.tmp17").write_bytes(b"half")
+    (tmp_path / "notes.tmp1").write_text("not ours")
+    model, opt = trained(1)
+    ck.Checkpointer(tmp_path, load_config(), model, opt, None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.tmp1"]
+    out = capsys.readouterr().out
+    assert f"removed {tmp_path / '.checkpoint-last.pth.tmp4242'}, left by an interrupted" in out
+
+
+def test_pack_and_unpack_files_round_trip(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "tokenizer.json").write_text('{"é": 1}', encoding="utf-8")
+    (src / "tokenizer.model").write_bytes(bytes(range(256)))
+    (src / "sub").mkdir()  # folders are not packed
+    files = ck.pack_files(src)
+    assert files["tokenizer.json"] == '{"é": 1}' and files["tokenizer.model"].dtype == torch.uint8
+    torch.save({"files": files}, tmp_path / "c.pth")
+    loaded = torch.load(tmp_path / "c.pth", weights_only=True)["files"]
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "stale.txt").write_text("old")
+    ck.unpack_files(loaded, dst)
+    assert sorted(p.name for p in dst.iterdir()) == ["tokenizer.json", "tokenizer.model"]
+    assert (dst / "tokenizer.model").read_bytes() == bytes(range(256))
+    with pytest.raises(ck.CheckpointError, match="not a plain file name"):
+        ck.unpack_files({"../escape": "x"}, dst)
+
+
+def layout_checkpointer(tmp_path, monkeypatch, world_size, *sets):
+    monkeypatch.setattr(ck, "get_world_size", lambda: world_size)
+    model, opt = trained(1)
+    return ck.Checkpointer(tmp_path, load_config(overrides=list(sets)), model, opt, None)
+
+
+def test_resume_refuses_another_effective_batch_unless_allowed(tmp_path, monkeypatch, capsys):
+    saver = layout_checkpointer(tmp_path, monkeypatch, 2, "data.batch_size=4",
+                                "train.save_every_steps=1")
+    saver.on_step(epoch=1, batches_done=6, global_step=14)
+    saved = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
+    assert {k: saved["extra"][k] for k in ("epoch_step", "batch_size", "world_size", "accum_iter")
+            } == {"epoch_step": 6, "batch_size": 4, "world_size": 2, "accum_iter": 1}
+    resumed = (tmp_path / "checkpoint-last.pth", saved)
+    # the same layout: the same batch
+    assert layout_checkpointer(tmp_path, monkeypatch, 2, "data.batch_size=4").resume(resumed) == (
+        1, 6)
+    # effective batch 8 -> 16: refused, naming both
+    other = layout_checkpointer(tmp_path, monkeypatch, 2, "data.batch_size=8")
+    with pytest.raises(ck.CheckpointError) as e:
+        other.resume(resumed)
+    assert "effective batch of 8 = 4 x 2 ranks x accum 1" in str(e.value)
+    assert "this run's is 16 = 8 x 2 ranks x accum 1" in str(e.value)
+    assert "train.allow_reshape=true" in str(e.value)
+    # allowed: 6 batches x 4 x 2 ranks = 48 samples -> batch 3 of 16 samples (3 x 16 = 48)
+    allowed = layout_checkpointer(tmp_path, monkeypatch, 2, "data.batch_size=8",
+                                  "train.allow_reshape=true")
+    capsys.readouterr()
+    assert allowed.resume(resumed) == (1, 3)
+    assert "the 48 samples done of the epoch make batch 3 (was batch 6); 0 samples" in (
+        capsys.readouterr().out)
+    # the same effective batch in another layout (1 rank x accum 2) resumes without asking,
+    # at a whole optimizer step: 48 samples = 12 batches of 4
+    assert layout_checkpointer(tmp_path, monkeypatch, 1, "data.batch_size=4",
+                               "optim.accum_iter=2").resume(resumed) == (1, 12)
+    # rounded down to a whole step: 48 samples in steps of 3 x 4 x 3 = 36 -> batch 3 (36 samples)
+    odd = layout_checkpointer(tmp_path, monkeypatch, 3, "data.batch_size=4", "optim.accum_iter=3",
+                              "train.allow_reshape=true")
+    assert odd.resume(resumed) == (1, 3)
+    assert "12 samples are trained again" in capsys.readouterr().out

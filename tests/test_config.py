@@ -11,9 +11,12 @@ from utils.config import (
     add_config_args,
     differences,
     load_config,
+    rules,
     save_config,
     with_defaults,
 )
+
+REPO = DEFAULTS.parent.parent
 
 
 def write(path, text):
@@ -36,11 +39,11 @@ def test_defaults_load_with_attribute_access():
 
 def test_run_config_and_overrides(tmp_path):
     f = write(tmp_path / "run.yaml", "optim:\n  lr: 1e-4\n  epochs: 3\ndata:\n  skip_bad: true\n")
-    cfg = load_config(f, ["optim.lr=2e-4", "data.batch_size=8", "optim.betas=[0.8, 1]",
+    cfg = load_config(f, ["optim.lr=2e-4", "data.batch_size=8", "optim.betas=[0, 0.99]",
                           "train.resume=auto", "model.vit.init=/x/mae.pth"])
     assert cfg.optim.lr == 2e-4 and isinstance(cfg.optim.lr, float)  # --set wins over the file
     assert cfg.optim.epochs == 3 and cfg.data.skip_bad is True and cfg.data.batch_size == 8
-    assert cfg.optim.betas == [0.8, 1.0] and isinstance(cfg.optim.betas[1], float)
+    assert cfg.optim.betas == [0.0, 0.99] and isinstance(cfg.optim.betas[0], float)
     assert cfg.train.resume == "auto" and cfg.model.vit.init == "/x/mae.pth"
     assert cfg.optim.min_lr == 1e-6  # untouched keys keep their default
 
@@ -171,3 +174,60 @@ def test_differences_lists_changed_and_one_sided_keys():
         ("only_b", None, {"x": 2}),
     ]
     assert differences(load_config().to_dict(), load_config().to_dict()) == []
+
+
+def leaf_keys(d: dict, prefix: str = ""):
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            yield from leaf_keys(v, f"{prefix}{k}.")
+        else:
+            yield prefix + k
+
+
+def test_every_key_has_a_rule_and_the_shipped_configs_keep_them():
+    assert sorted(rules()) == sorted(leaf_keys(yaml.safe_load(open(DEFAULTS))))
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        if path.name != "rules.yaml":
+            load_config(None if path == DEFAULTS else path)
+
+
+@pytest.mark.parametrize("override, says", [
+    ("optim.lr=-1e-4", "optim.lr=-0.0001 must be >= 0"),  # was: the blr-derived lr, silently
+    ("optim.accum_iter=0", "optim.accum_iter=0 must be >= 1"),  # was: lr 0
+    ("train.nonfinite=sotp", "train.nonfinite='sotp' must be one of skip, stop"),  # was: skip
+    ("data.batch_size=0", "data.batch_size=0 must be >= 1"),
+    ("device=cpux", "device='cpux' must be auto, cpu, mps, cuda or cuda:N"),
+    ("data.random_resized_crop=[0.9, 0.2]", "random_resized_crop=[0.9, 0.2] must be in ascending"),
+    ("data.random_resized_crop=[0.5, 1.5]", "each item must be in (0, 1]"),
+    ("data.random_resized_crop=[0.5]", "must be a list of 2 items"),
+    ("model.mae.mask_ratio=1", "model.mae.mask_ratio=1.0 must be in (0, 1)"),
+    ("optim.betas=[0.9, 1]", "optim.betas=[0.9, 1.0] each item must be in [0, 1)"),
+    ("eval.labeler=chexpert", "eval.labeler='chexpert' must be one of rule, chexbert"),
+    ("run_name=", "run_name='' must not be empty"),
+    ("model.graph=synthetic_x", "must be default or synthetic_<number of leaves>"),
+])
+def test_a_value_outside_its_rule_names_key_source_and_allowed(override, says):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=[override])
+    assert says in str(e.value) and f"--set {override}" in str(e.value)
+
+
+def test_rules_relating_keys_are_checked_on_the_merged_config(tmp_path):
+    f = write(tmp_path / "run.yaml", "data:\n  image_size: 224\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(f, ["model.vit.patch_size=15", "seed=1"])
+    assert str(f) in str(e.value) and "--set model.vit.patch_size=15" in str(e.value)
+    assert "data.image_size=224 must be a multiple of model.vit.patch_size=15" in str(e.value)
+    with pytest.raises(ConfigError, match="embed_dim=10 must be a multiple of 4"):
+        load_config(overrides=["model.vit.embed_dim=10", "model.vit.num_heads=1"])
+    with pytest.raises(ConfigError, match="min_new_tokens=20 must be <= eval.max_new_tokens=10"):
+        load_config(overrides=["eval.min_new_tokens=20", "eval.max_new_tokens=10"])
+    # a checkpoint's stored section is held to the same rules
+    saved = load_config().model.to_dict()
+    saved["vit"]["stem"] = "cnn"
+    with pytest.raises(ConfigError, match=r"old\.pth: model.vit.stem='cnn' must be one of patch"):
+        with_defaults("model", saved, "old.pth")
+    saved["vit"].update(stem="patch", embed_dim=100, num_heads=3)
+    with pytest.raises(ConfigError, match="old.pth: model.vit.embed_dim=100 must be a multiple of "
+                                          "model.vit.num_heads=3"):
+        with_defaults("model", saved, "old.pth")

@@ -129,7 +129,8 @@ def test_no_horizontal_flip(tmp_path):
 
 @pytest.mark.parametrize("bad, kind, needle", [
     (rec("m1", ["nowhere.png"]), "missing_image", "nowhere.png"),
-    (rec("e1", ["gray.png"], report=" ... "), "empty_report", "'report'"),
+    (rec("e1", ["gray.png"], report=" ... "), "empty_report", "'report' is empty"),
+    (rec("c1", ["gray.png"], report="心脏大小正常。"), "non_latin_report", "no Latin letters"),
     ({"id": "r1", "report": "ok", "image_path": 7}, "bad_record", "'image_path'"),
     (rec("a1", ["gray.png"], anatomies=["left elbow"]), "bad_record", "left elbow"),
 ])
@@ -185,16 +186,22 @@ def test_unreadable_image_raises_or_is_skipped_in_workers(tmp_path):
         tmp_path, GOOD + [rec("u1", ["broken.png"], labels=LABELS)], **{"data.skip_bad": True}
     )
     ds = build_dataset(cfg, "train", train=False)
-    ids = [
-        i
-        for b in DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate)
-        if b
-        for i in b["id"]
-    ]
-    assert ids == ["s1", "s2", "s3", "s4"]
+    batches = list(DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate))
+    # replaced by the next readable sample (wrapping round): every batch keeps its size
+    assert [len(b["id"]) for b in batches] == [2, 2, 1]
+    assert [i for b in batches for i in b["id"]] == ["s1", "s2", "s3", "s4", "s1"]
+    assert batches[-1]["index"].tolist() == [0]
     assert ds.bad_counts()["unreadable_image"] == 1                # seen by a worker, counted here
     assert "broken.png" in ds.bad_summary() and "'u1'" in ds.bad_summary()
-    assert list(DataLoader(ds, batch_size=1, collate_fn=collate, sampler=[4])) == [None]
+    assert ds[4]["id"] == "s1" and ds.unreadable().tolist() == [False] * 4 + [True]
+
+
+def test_a_split_without_a_readable_image_is_an_error(tmp_path):
+    cfg, ann = make_data(tmp_path, [rec("u1", ["broken.png"])], **{"data.skip_bad": True})
+    (tmp_path / "images" / "broken.png").write_bytes(b"not an image")
+    ds = build_dataset(cfg, "train", train=False)
+    with pytest.raises(DataError, match="no image of this split is readable"):
+        ds[0]
 
 
 def test_labels_from_rule_labeler(tmp_path):

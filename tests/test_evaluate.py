@@ -48,7 +48,30 @@ def test_evaluate_loss_is_the_sample_weighted_mean():
     loader = DataLoader(data, batch_size=3, collate_fn=lambda items: {
         "image": torch.stack([d["image"] for d in items]), "id": [d["id"] for d in items]})
     out = evaluate_loss(MeanLoss(), loader, "cpu", "auto")  # batches of 3, 3, 1
-    assert out == pytest.approx({"loss": 3.0, "double": 6.0})
+    assert out == pytest.approx({"loss": 3.0, "double": 6.0, "num_skipped": 0})
+
+
+class Counted(list):
+    """Items with bad_counts (as datasets/cxr.py has); a None item has no readable image."""
+
+    def bad_counts(self):
+        return {"missing_image": 1, "unreadable_image": sum(i is None for i in self)}
+
+
+def test_evaluate_loss_skips_an_empty_batch_and_counts_the_skipped():
+    data = Counted([{"image": torch.full((3, 2, 2), float(i)), "id": str(i)} for i in range(6)])
+    data[3] = data[4] = data[5] = None  # the second batch has no readable sample
+
+    def collate_readable(items):
+        items = [d for d in items if d is not None]
+        return {"image": torch.stack([d["image"] for d in items]),
+                "id": [d["id"] for d in items]} if items else None
+
+    loader = DataLoader(data, batch_size=3, collate_fn=collate_readable)
+    out = evaluate_loss(MeanLoss(), loader, "cpu")
+    assert out == pytest.approx({"loss": 1.0, "double": 2.0, "num_skipped": 4})
+    with pytest.raises(ValueError, match="no readable sample"):
+        evaluate_loss(MeanLoss(), DataLoader(Counted([None]), collate_fn=collate_readable), "cpu")
 
 
 class Oracle(nn.Module):
@@ -188,3 +211,23 @@ def test_generate_and_score_unwraps_ddp(synth):
     assert metrics["num_studies"] == 3 and metrics["BLEU_4"] == pytest.approx(1.0, abs=1e-6)
 
 
+
+
+def test_generate_and_score_counts_skipped_inputs_in_metrics_json(synth, tmp_path):
+    tmp, cfg, records = synth
+    images = shutil.copytree(tmp / "data" / "images", tmp_path / "images")
+    bad = sorted(records)[0]
+    (images / f"{bad}.png").write_bytes(b"\x89PNG truncated")
+    cfg = load_config(None, [f"data.annotation={cfg.data.annotation}", f"data.image_root={images}",
+                             "data.skip_bad=true", "eval.meteor=false"])
+    dataset = build_dataset(cfg, "test", train=False)
+    model = Oracle({k: r["regions"] for k, r in records.items()}, tmp / "data")
+    metrics = generate_and_score(model, _loader(dataset, list(range(len(dataset)))), "cpu", cfg,
+                                 tmp_path / "out", prefix="test", num_visualize=0)
+    saved = json.load(open(tmp_path / "out" / "metrics.json"))
+    assert saved["skipped"] == {"bad_record": 0, "empty_report": 0, "non_latin_report": 0,
+                                "missing_image": 0, "unreadable_image": 1}
+    assert saved["num_skipped"] == metrics["num_skipped"] == 1
+    assert metrics["num_studies"] == len(dataset) - 1
+    rows = [json.loads(line) for line in open(tmp_path / "out" / "generated.jsonl")]
+    assert bad not in [r["id"] for r in rows]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from utils.config import load_config
+from utils.config import ConfigError, load_config
 from utils.lr_sched import adjust_learning_rate, effective_lr, lr_at, no_weight_decay, param_groups
 
 BASE, MIN = 1e-3, 1e-5
@@ -161,3 +161,13 @@ def test_effective_lr():
     assert effective_lr(cfg, world_size=1) == pytest.approx(9.375e-6)
     cfg.optim.lr = 2e-4
     assert effective_lr(cfg, world_size=4) == 2e-4
+
+
+def test_min_lr_above_the_lr_is_an_error_naming_both():
+    cfg = load_config(overrides=["optim.lr=1e-4", "optim.min_lr=1e-3"])
+    with pytest.raises(ConfigError, match=r"optim.min_lr=0.001 must be <= the learning rate "
+                                          r"0.0001 \(optim.lr\)"):
+        effective_lr(cfg, world_size=1)
+    cfg = load_config(overrides=["optim.min_lr=1e-3", "data.batch_size=8"])  # lr from blr
+    with pytest.raises(ConfigError, match=r"optim.blr=0.00015 x effective batch 16 / 256"):
+        effective_lr(cfg, world_size=2)

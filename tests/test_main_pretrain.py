@@ -1,6 +1,9 @@
 """A pretraining run killed (SIGKILL) mid-epoch and resumed with --resume auto ends at the same
-global step as an uninterrupted run, and its losses continue the same curve."""
+global step as an uninterrupted run, and its losses continue the same curve; so does one resumed
+from that checkpoint into another run folder, with the checkpoint's tokenizers."""
 import json
+import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,10 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from datasets.annotation import load_annotation
-from datasets.tokenizer import build_tokenizers
-from tests.helpers import REPO, env, python, synthetic, write_config
-from utils.config import load_config
+from datasets.tokenizer import tokenizer_files
+from tests.helpers import REPO, env, python, synthetic, torchrun, write_config
 
 
 def losses(run_dir: Path, newest_only: bool = False) -> dict[int, float]:
@@ -48,18 +49,8 @@ def test_sigkill_mid_epoch_then_resume_auto(tmp_path):
         optim={"epochs": 2, "warmup_epochs": 1},
         train={"save_every_steps": 3, "print_freq": 1},
     )
-    # one set of tokenizers for both runs (WordPiece training is not reproducible across processes)
-    build_tokenizers(
-        load_config(cfg), [r["report"] for r in load_annotation(ann, "train")], tmp_path / "tok"
-    )
-    args = [
-        "main_pretrain.py",
-        "--config",
-        cfg,
-        "--set",
-        f"model.text.tokenizer={tmp_path / 'tok/text_tokenizer'}",
-        f"model.decoder.tokenizer={tmp_path / 'tok/decoder_tokenizer'}",
-    ]
+    # each run trains its own tokenizers: the same (deterministic), or the curves would differ
+    args = ["main_pretrain.py", "--config", cfg]
     python(*args, "--run-name", "full")
     full = tmp_path / "out" / "full"
 
@@ -86,6 +77,10 @@ def test_sigkill_mid_epoch_then_resume_auto(tmp_path):
     ckpt = torch.load(killed / "checkpoint-last.pth", weights_only=True)
     resumed_at = ckpt["step"]
     assert ckpt["extra"]["epoch_step"] > 0 and resumed_at < 16, "not killed mid-run"
+    elsewhere = tmp_path / "elsewhere" / "checkpoint-last.pth"
+    elsewhere.parent.mkdir()
+    shutil.copy(killed / "checkpoint-last.pth", elsewhere)
+    assert tokenizer_files(killed) == tokenizer_files(full)  # trained alike in two processes
 
     out = python(*args, "--run-name", "killed", "--resume", "auto")
     assert f"global step {resumed_at}" in out.stdout  # the resume report
@@ -102,3 +97,40 @@ def test_sigkill_mid_epoch_then_resume_auto(tmp_path):
     assert val_losses(killed) == pytest.approx(val_losses(full), rel=1e-5)
     for name, p in final_full["model"].items():
         torch.testing.assert_close(final_killed["model"][name], p, rtol=1e-5, atol=1e-6)
+
+    # resumed into a new run folder from a copy of the checkpoint, with a config whose vocabulary
+    # sizes differ: the tokenizers stored in the checkpoint are used, not new ones
+    python(*args, "--run-name", "moved", "--resume", elsewhere,
+           "--set", "model.text.vocab_size=250", "model.decoder.vocab_size=280")
+    moved = tmp_path / "out" / "moved"
+    assert tokenizer_files(moved) == tokenizer_files(full)
+    final_moved = torch.load(moved / "checkpoint-last.pth", weights_only=True)
+    assert final_moved["step"] == 16
+    assert final_moved["extra"]["tokenizer_files"] == final_full["extra"]["tokenizer_files"]
+    assert losses(moved) == pytest.approx({s: ref[s] for s in cont}, rel=1e-5, abs=1e-6)
+
+
+def test_corrupt_images_are_replaced_on_two_ranks_and_in_a_validation_batch_of_one(tmp_path):
+    """With data.skip_bad a corrupt image used to shrink its rank's batch (the ranks' gathers then
+    aborted), or empty a validation batch (a crash after the epoch's training)."""
+    ann = synthetic(tmp_path / "data", n=40)  # 32 train, 4 val
+    data = json.loads(ann.read_text())
+    for split in ("train", "val"):
+        broken = ann.parent / "images" / data[split][0]["image_path"][0]
+        broken.write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    cfg = write_config(tmp_path / "cfg.yaml", ann, tmp_path / "out",
+                       optim={"epochs": 1, "warmup_epochs": 0.5},
+                       data={"skip_bad": True, "eval_batch_size": 2})
+    res = torchrun(2, "main_pretrain.py", "--config", cfg)
+    (stats,) = [json.loads(line) for line in open(tmp_path / "out" / "run" / "log_stats.jsonl")]
+    assert stats["train/bad_unreadable_image"] == 1 and stats["val/num_skipped"] == 1
+    assert stats["train/samples"] == 32 and stats["train/global_step"] == 4  # full batches
+    assert "skipped bad inputs: unreadable_image 1" in res.stdout
+    assert "val/num_skipped: 1" in res.stdout and data["train"][0]["id"] in res.stdout + res.stderr
+
+    res = python("main_pretrain.py", "--config", cfg, "--run-name", "one",
+                 "--set", "data.eval_batch_size=1")
+    (stats,) = [json.loads(line) for line in open(tmp_path / "out" / "one" / "log_stats.jsonl")]
+    assert stats["val/num_skipped"] == 1 and math.isfinite(stats["val/loss"])
+    assert torch.load(tmp_path / "out" / "one" / "checkpoint-last.pth",
+                      weights_only=True)["epoch"] == 1

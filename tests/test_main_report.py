@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from datasets.tokenizer import tokenizer_files
 from models.vit import VisionTransformer
 from tests.helpers import TINY_MODEL, python, synthetic, torchrun, write_config
 
@@ -107,12 +108,18 @@ def test_pretrain_finetune_eval_predict(tmp_path):
     for k in ("blocks.0.attn.qkv.weight", "patch_embed.proj.weight"):
         assert (ckpt["model"][f"vit.{k}"] - init[k]).abs().max() < 0.02, k
 
-    # --- report fine-tuning from the pretraining checkpoint (lm + entity), best by val BLEU_4
+    # --- report fine-tuning from the pretraining checkpoint (lm + entity), best by val BLEU_4; the
+    # tokenizers come from the checkpoint itself (the pretraining run's folder no longer has them)
+    pre_tokenizers = tokenizer_files(pre)
+    assert ckpt["extra"]["tokenizer_files"] == pre_tokenizers  # stored in every checkpoint
+    shutil.rmtree(pre / "tokenizers")
     res = python("main_report.py", "--config", rep_cfg)
     timer.lap("finetune")
     assert "pretrained" in res.stdout and "loaded" in res.stdout
     assert "location prior: estimating" not in res.stdout  # it came with the pretraining checkpoint
     rep = out / "rep"
+    assert tokenizer_files(rep) == pre_tokenizers
+    shutil.rmtree(rep / "tokenizers")  # --eval and --predict read them from the checkpoint
     val = rep / "val" / "epoch_0000"
     assert (val / "generated.jsonl").is_file() and (val / "metrics.json").is_file()
     assert (rep / "checkpoint-best.pth").is_file()

@@ -1,5 +1,6 @@
 """``python -m metrics FILE.jsonl``: counts, language and clinical tables, JSON output, errors."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +112,20 @@ def test_bad_inputs(tmp_path):
     ok.write_text(json.dumps({"id": "x", "generated": "a", "reference": "b"}) + "\n")
     with pytest.raises(ValueError, match="checkpoint path"):
         main([str(ok), "--no-meteor", "--labeler", "chexbert"])
+
+
+@pytest.mark.parametrize("line, says", [
+    ({"id": "x", "generated": "a", "reference": []}, "'reference' is an empty list"),
+    ({"id": "x", "generated": 3, "reference": "b"}, "'generated' must be a string"),
+    ({"id": "x", "generated": "a", "reference": ["b", {"t": 1}]}, "'reference' must be a string"),
+    (["a", "b"], "not a JSON object (list)"),
+])
+def test_malformed_fields_are_named_errors(tmp_path, capsys, line, says):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "ok", "generated": "a", "reference": "b"}) + "\n"
+                   + json.dumps(line) + "\n")
+    with pytest.raises(ValueError, match=f"{bad}:2: " + re.escape(says)):
+        read_jsonl(str(bad))
+    with pytest.raises(SystemExit) as e:  # the CLI: a usage error, not a traceback
+        main([str(bad), "--no-meteor"])
+    assert e.value.code == 2 and f"{bad}:2: {says}" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -84,3 +85,23 @@ def test_predict_images_with_a_tiny_ssacl(tmp_path):
     assert len(rows) == 3 and all(isinstance(r["report"], str) for r in rows)
     assert all((tmp_path / "out" / f"{r['id']}.json").exists() for r in rows)
     assert all(set(r["anatomies"]) <= set(GRAPH.leaf_names) and r["anatomies"] for r in rows)
+
+
+def test_unreadable_images_are_skipped_and_tiny_ones_warned_about(tmp_path):
+    from datasets.cxr import build_transform
+    files = _image_files(tmp_path)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    Image.fromarray(np.zeros((1, 1), np.uint8)).save(tmp_path / "dot.png")
+    said = []
+    rows = predict_images(StandIn(), [files[0], str(tmp_path / "broken.png"),
+                                      str(tmp_path / "dot.png")],
+                          build_transform(32, train=False), "cpu", tmp_path / "out",
+                          batch_size=2, min_size=16, print_fn=said.append)
+    assert [r["id"] for r in rows] == ["cxr", "dot"]
+    assert said[0].startswith(f"WARNING: skipped {tmp_path / 'broken.png'}: cannot read the image")
+    assert said[1] == (f"WARNING: {tmp_path / 'dot.png'} is 1x1 px, smaller than the model input "
+                       "(16 px): it is upsampled and its report is unlikely to mean anything")
+    assert len(said) == 2  # files[0] is 20 px wide: above 16
+    with pytest.raises(ValueError, match="none of the 1 images could be read"):
+        predict_images(StandIn(), [str(tmp_path / "broken.png")], build_transform(32, train=False),
+                       "cpu", tmp_path / "out", print_fn=said.append)

@@ -3,11 +3,13 @@ import pytest
 
 from vocab.anatomy_graph import AnatomyGraph
 from vocab.report_text import (
+    ReportTextError,
     anatomy_mentions,
     clean_report,
     derive_anatomies,
     sentence_anatomies,
     split_sentences,
+    usable_report,
 )
 
 GRAPH = AnatomyGraph.default()
@@ -34,11 +36,24 @@ GRAPH = AnatomyGraph.default()
             "1) NG tube in the stomach. 2) Lines and tubes unchanged",
             "ng tube in the stomach . lines and tubes unchanged .",
         ),
+        # NFKC and accent folding: ligatures, accents, full-width forms, unsplittable letters
+        ("Épanchement négatif. ﬁndings: ﬂuid", "epanchement negatif . findings fluid ."),
+        ("ＰＡ view; Straße, Øresund, 5 cm²", "pa view . strasse oresund 5 cm2 ."),
     ],
 )
 def test_clean_report(raw, clean):
     assert clean_report(raw) == clean
     assert clean_report(clean) == clean  # idempotent
+
+
+def test_usable_report_names_why_a_report_cannot_be_used():
+    assert usable_report("Cœur normal.") == "coeur normal ."
+    for text, kind, says in [("  ... \n", "empty_report", "is empty"),
+                             ("心脏大小正常。肺部清晰。", "non_latin_report", "no Latin letters"),
+                             ("Сердце в норме.", "non_latin_report", "no Latin letters")]:
+        with pytest.raises(ReportTextError, match=says) as e:
+            usable_report(text)
+        assert e.value.kind == kind
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from datasets.synthetic import render_study
-from datasets.tokenizer import train_bpe, train_wordpiece
+from datasets.tokenizer import tokenizer_files, train_bpe, train_wordpiece
 from models.ssacl import SSACL
+from utils.checkpoint import CheckpointError, save_checkpoint
 from utils.config import load_config
 from utils.lr_sched import param_groups
 from vocab.anatomy_graph import AnatomyGraph
@@ -281,3 +282,21 @@ def test_location_prior_steers_each_leaf_to_its_patch_and_travels_in_the_state_d
     assert not fresh.needs_location_prior and torch.equal(
         fresh.location_prior, model.location_prior
     )
+
+
+def test_from_checkpoint_takes_the_stored_tokenizers_and_names_a_bad_file(tokenizers, tmp_path):
+    model = build(tokenizers)
+    for name, tok in zip(("text_tokenizer", "decoder_tokenizer"), tokenizers):
+        tok.save_pretrained(str(tmp_path / "run" / "tokenizers" / name))
+    cfg = load_config(overrides=TINY)
+    save_checkpoint(tmp_path / "elsewhere" / "c.pth", model=model, epoch=1, step=5, cfg=cfg,
+                    extra={"tokenizer_files": tokenizer_files(tmp_path / "run")})
+    loaded = SSACL.from_checkpoint(tmp_path / "elsewhere" / "c.pth", load_config(), "cpu")
+    assert loaded.text_encoder.tokenizer.get_vocab() == tokenizers[0].get_vocab()
+    assert loaded.report_decoder.tokenizer.get_vocab() == tokenizers[1].get_vocab()
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    (tmp_path / "notes.pth").write_text("not a checkpoint\n")
+    with pytest.raises(CheckpointError, match=f"--checkpoint: {tmp_path / 'notes.pth'} is not a "
+                                              "readable PyTorch checkpoint"):
+        SSACL.from_checkpoint(tmp_path / "notes.pth", load_config(), "cpu")

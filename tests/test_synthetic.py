@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datasets.synthetic import generate, leaf_file, main, render_study
+from datasets.synthetic import MARKER, generate, leaf_file, main, render_study
 from datasets.synthetic_reports import BILATERAL, FINDINGS
 from vocab.anatomy_graph import AnatomyGraph
 from vocab.observations import CHEXPERT_OBSERVATIONS, OBSERVATION_INDEX
@@ -197,3 +197,26 @@ def test_cli_prints_speed(tmp_path, capsys):
     main(["--out", str(tmp_path / "c"), "--n", "6", "--size", "32", "--workers", "1"])
     out = capsys.readouterr().out
     assert "studies/s" in out and (tmp_path / "c" / "annotation.json").is_file()
+
+
+def test_a_folder_it_did_not_make_is_refused_unless_overwrite(tmp_path, capsys):
+    mine = tmp_path / "mine"
+    (mine / "images").mkdir(parents=True)
+    (mine / "images" / "precious.png").write_bytes(b"x")
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(mine), "--n", "3", "--size", "32", "--workers", "1"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--out {mine} is not empty and was not made by datasets.synthetic" in err
+    assert "--overwrite" in err and (mine / "images" / "precious.png").is_file()
+    with pytest.raises(FileExistsError, match="not made by datasets.synthetic"):
+        generate(mine, 3, size=32, workers=1)
+    # its own folder is rewritten without asking; another one with --overwrite
+    generate(tmp_path / "own", 3, size=32, workers=1)
+    generate(tmp_path / "own", 3, size=32, workers=1)
+    main(["--out", str(mine), "--n", "3", "--size", "32", "--workers", "1", "--overwrite"])
+    assert not (mine / "images" / "precious.png").exists() and (mine / MARKER).is_file()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "deleting its images/ and masks/" in " ".join(capsys.readouterr().out.split())

@@ -3,6 +3,7 @@ losses)."""
 import contextlib
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,8 +14,9 @@ from datasets.annotation import load_annotation
 from datasets.loaders import ResumableSampler
 from datasets.tokenizer import build_tokenizers
 from engine.optim import make_scaler, resolve_amp
-from engine.train import position_loader, train_one_epoch
+from engine.train import position_loader, train_epochs, train_one_epoch
 from tests.helpers import python, synthetic, torchrun, write_config
+from utils.checkpoint import Checkpointer
 from utils.config import load_config
 from utils.lr_sched import lr_at, param_groups
 
@@ -94,6 +96,9 @@ class Recorder:
 
     def add_scalars(self, values, step, prefix=""):
         self.scalars.append((step, dict(values)))
+
+    def flush(self):
+        pass
 
 
 def test_loss_decreases_and_logs_every_term():
@@ -410,3 +415,26 @@ def test_two_ranks_match_one_process(tmp_path):
     assert sorted(ids) == sorted(r["id"] for r in load_annotation(ann, "test")) and len(
         set(ids)
     ) == len(ids)
+
+
+def test_the_epoch_checkpoint_is_written_before_validation(tmp_path):
+    model = Regression()
+    cfg = make_cfg("optim.epochs=2")
+    opt = sgd(model)
+    run = SimpleNamespace(model=model, optimizer=opt, scaler=scaler(), train_loader=make_loader(
+        make_data()), start_epoch=0, start_step=0,
+        checkpointer=Checkpointer(tmp_path, cfg, model, opt, scaler()))
+
+    def failing_validation(epoch, step):
+        raise RuntimeError("validation broke")
+
+    with pytest.raises(RuntimeError, match="validation broke"):
+        train_epochs(run, cfg, "cpu", Recorder(), tmp_path, failing_validation)
+    saved = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
+    assert saved["epoch"] == 1 and saved["step"] == 8 and saved["extra"]["epoch_step"] == 0
+    torch.testing.assert_close(saved["model"]["lin.weight"], model.lin.weight)
+    # validation that works is recorded afterwards: best value and checkpoint
+    run.start_epoch = 1
+    train_epochs(run, cfg, "cpu", Recorder(), tmp_path, lambda e, s: {"val/loss": 0.5})
+    assert torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)["extra"]["best"] == 0.5
+    assert (tmp_path / "checkpoint-best.pth").is_file() and run.checkpointer.best == 0.5

@@ -1,17 +1,22 @@
 """YAML configs: defaults.yaml names every key once; run configs and ``--set`` override it.
 
-An unknown key or a value of the wrong type is an error naming the key and the file.
+An unknown key, a value of the wrong type, or a value outside what rules.yaml (next to
+defaults.yaml) allows for its key is an error naming the key, the file or --set that gave it, and
+the allowed choices or range.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import difflib
+import functools
+import re
 from pathlib import Path
 
 import yaml
 
 DEFAULTS = Path(__file__).resolve().parent.parent / "configs" / "defaults.yaml"
+RULES = DEFAULTS.with_name("rules.yaml")
 
 
 class ConfigError(ValueError):
@@ -91,6 +96,88 @@ def _coerce(key: str, default, value, source: str):
                       f"got {type(value).__name__} {value!r}")
 
 
+@functools.lru_cache(maxsize=None)
+def rules(path: str | Path = RULES) -> dict[str, dict]:
+    """Dotted key -> its rule (see rules.yaml's header)."""
+    return _read_yaml(Path(path))
+
+
+def _bounds(rule: dict) -> str:
+    lo = f"[{rule['min']}" if "min" in rule else f"({rule['above']}" if "above" in rule else None
+    hi = f"{rule['max']}]" if "max" in rule else f"{rule['below']})" if "below" in rule else None
+    if lo and hi:
+        return f"in {lo}, {hi}"
+    if lo:
+        return (">= " if lo[0] == "[" else "> ") + lo[1:]
+    return ("<= " if hi[-1] == "]" else "< ") + hi[:-1]
+
+
+def _violation(value, rule: dict) -> str:
+    """What ``value`` breaks of ``rule`` ('' if nothing)."""
+    if "choices" in rule and value not in rule["choices"]:
+        return "must be one of " + ", ".join(map(str, rule["choices"]))
+    if "pattern" in rule and not re.fullmatch(rule["pattern"], str(value)):
+        return f"must be {rule['means']}"
+    if rule.get("nonempty") and not str(value).strip():
+        return "must not be empty"
+    items = value if isinstance(value, list) else [value]
+    if "length" in rule and len(items) != rule["length"]:
+        return f"must be a list of {rule['length']} items"
+    if rule.get("ascending") and items != sorted(items):
+        return "must be in ascending order"
+    if any(k in rule for k in ("min", "max", "above", "below")):
+        ok = all(
+            ("min" not in rule or v >= rule["min"]) and ("max" not in rule or v <= rule["max"])
+            and ("above" not in rule or v > rule["above"])
+            and ("below" not in rule or v < rule["below"]) for v in items)
+        if not ok:
+            return ("each item " if isinstance(value, list) else "") + "must be " + _bounds(rule)
+    return ""
+
+
+def _check(key: str, value, source: str) -> None:
+    rule = rules().get(key)
+    if rule is None or value is None or isinstance(value, dict):
+        return
+    why = _violation(value, rule)
+    if why:
+        raise ConfigError(f"{source}: {key}={value!r} {why}")
+
+
+def _lookup(cfg: dict, key: str):
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _ref(cfg: dict, ref, section: str):
+    """A rule's reference: a number, or another key's value (None outside ``section``)."""
+    if not isinstance(ref, str):
+        return ref
+    return _lookup(cfg, ref[len(section):]) if ref.startswith(section) else None
+
+
+def check_relations(cfg: dict, source: str = "config", section: str = "") -> None:
+    """The rules that relate a key to others (multiple_of, at_most) over a merged config, or over
+    its ``section`` (keys relative to it; references outside it are not checked)."""
+    for key, rule in rules().items():
+        value = _lookup(cfg, key[len(section):]) if key.startswith(section) else None
+        for kind in ("multiple_of", "at_most"):
+            refs = rule.get(kind, [])
+            for ref in refs if isinstance(refs, list) else [refs]:
+                other = _ref(cfg, ref, section)
+                if value is None or other is None:
+                    continue
+                name = f"{ref}={other!r}" if isinstance(ref, str) else str(ref)
+                if kind == "multiple_of" and (not other or value % other):
+                    raise ConfigError(f"{source}: {key}={value!r} must be a multiple of {name}")
+                if kind == "at_most" and value > other:
+                    raise ConfigError(f"{source}: {key}={value!r} must be <= {name}")
+
+
 def _merge(base: dict, override: dict, source: str, prefix: str = "") -> None:
     for key, value in override.items():
         path = f"{prefix}{key}"
@@ -102,6 +189,7 @@ def _merge(base: dict, override: dict, source: str, prefix: str = "") -> None:
             _merge(base[key], value, source, path + ".")
         else:
             base[key] = _coerce(path, base[key], value, source)
+            _check(path, base[key], source)
 
 
 def with_defaults(section: str, saved: dict, source: str) -> Config:
@@ -110,6 +198,7 @@ def with_defaults(section: str, saved: dict, source: str) -> Config:
     behaviour."""
     base = copy.deepcopy(_read_yaml(DEFAULTS)[section])
     _merge(base, saved, source, section + ".")
+    check_relations(base, source, section + ".")
     return _wrap(base)
 
 
@@ -154,6 +243,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             _merge(cfg, layer, str(layer_path))
     for item in overrides or []:
         _merge(cfg, _parse_override(item), f"--set {item}")
+    sets = f" with --set {' '.join(overrides)}" if overrides else ""
+    check_relations(cfg, f"{path if path is not None else defaults}{sets}")
     return _wrap(cfg)
 
 

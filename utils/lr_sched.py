@@ -7,6 +7,8 @@ import re
 
 from torch import nn
 
+from utils.config import ConfigError
+
 
 def lr_at(epoch: float, base_lr: float, min_lr: float, warmup_epochs: float,
           epochs: float) -> float:
@@ -28,11 +30,14 @@ def adjust_learning_rate(optimizer, epoch: float, base_lr: float, min_lr: float,
 
 def effective_lr(cfg, world_size: int) -> float:
     """cfg.optim.lr when > 0, else blr * effective batch / 256 (effective batch = per-process
-    batch * accum_iter * world_size)."""
+    batch * accum_iter * world_size). ConfigError if optim.min_lr exceeds it."""
     o = cfg.optim
-    if o.lr > 0:
-        return o.lr
-    return o.blr * cfg.data.batch_size * o.accum_iter * world_size / 256
+    eff = cfg.data.batch_size * o.accum_iter * world_size
+    lr = o.lr if o.lr > 0 else o.blr * eff / 256
+    if o.min_lr > lr:
+        given = "optim.lr" if o.lr > 0 else f"optim.blr={o.blr:g} x effective batch {eff} / 256"
+        raise ConfigError(f"optim.min_lr={o.min_lr:g} must be <= the learning rate {lr:g} ({given})")
+    return lr
 
 
 # Parameters that are tokens / position tables: matched on the parameter's own name, or on the

@@ -3,7 +3,9 @@
 Cleaned form (``clean_report``), following R2Gen's ``clean_report_mimic_cxr`` /
 ``clean_report_iu_xray``, with the differences noted:
 
-- newlines become spaces; everything is lower-cased;
+- Unicode is NFKC-normalised and lower-cased, accents are folded ("ﬁndings" -> "findings",
+  "négatif" -> "negatif", "ß" -> "ss"; R2Gen drops such characters);
+- newlines become spaces;
 - enumerations ("1.", "2)") and runs of underscores (MIMIC's de-identification
   "___") are removed;
 - the report is split into sentences at ".", "?", "!" or ";" followed by a space
@@ -14,11 +16,13 @@ Cleaned form (``clean_report``), following R2Gen's ``clean_report_mimic_cxr`` /
 - sentences are joined with " . " and the report ends with " .":
   ``"The heart is normal.  No effusion!"`` -> ``"the heart is normal . no effusion ."``.
 
-A report that cleans to nothing is an empty report (an error, or skipped).
+A report that cleans to nothing is an empty report (an error, or skipped); ``usable_report`` also
+rejects one without a Latin letter (e.g. all CJK), saying so.
 """
 from __future__ import annotations
 
 import re
+import unicodedata
 
 # ----------------------------------------------------------------------------- cleaning
 
@@ -29,9 +33,29 @@ _KEEP = re.compile(r"[^a-z0-9\s\-\u2024]")
 _LOOSE_HYPHEN = re.compile(r"(?<![a-z0-9])-|-(?![a-z0-9])")
 
 
+# Latin letters that NFKD does not decompose: their usual transliteration
+_FOLD = str.maketrans({"ß": "ss", "æ": "ae", "œ": "oe", "ø": "o", "ł": "l", "đ": "d", "ð": "d",
+                       "þ": "th", "ı": "i", "ħ": "h"})
+
+
+class ReportTextError(ValueError):
+    """A report the text pipeline cannot use; ``kind`` is "empty_report" or "non_latin_report"."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def fold_text(text: str) -> str:
+    """NFKC (ligatures, full-width and compatibility forms), lower case, accents removed."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    text = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    return text.translate(_FOLD)
+
+
 def clean_report(text: str) -> str:
     """Normalise a report as described in the module docstring; '' if nothing is left."""
-    text = text.replace("\n", " ").replace("\r", " ").lower()
+    text = fold_text(text).replace("\n", " ").replace("\r", " ")
     text = re.sub(r"_+", " ", text)
     text = _NUMBERING.sub(lambda m: m.group(1) + " ", text.strip())
     text = _DECIMAL.sub("\u2024", text)          # protect decimal points from the split
@@ -44,6 +68,21 @@ def clean_report(text: str) -> str:
         if sent:
             sentences.append(sent)
     return " . ".join(sentences) + " ." if sentences else ""
+
+
+def usable_report(text: str) -> str:
+    """``clean_report(text)``, or ReportTextError when it has no Latin letter: "is empty" for text
+    without a letter or digit, else "has no Latin letters" (the pipeline reads a-z only)."""
+    cleaned = clean_report(text)
+    if re.search("[a-z]", cleaned):
+        return cleaned
+    if not any(c.isalnum() for c in text):
+        raise ReportTextError("empty_report", "is empty")
+    raise ReportTextError(
+        "non_latin_report",
+        f"has no Latin letters after NFKC normalisation and accent folding "
+        f"({text.strip()[:40]!r}): the text pipeline reads a-z only",
+    )
 
 
 def split_sentences(report: str) -> list[str]:

@@ -81,14 +81,22 @@ def _minmax(a: np.ndarray) -> np.ndarray:
     return (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
 
 
-def build_transform(image_size: int, train: bool, scale=(0.85, 1.0)):
-    """``[1,H,W]`` in [0,1] -> normalised ``[3,S,S]``. No flip, train or eval."""
-    if train:
-        resize = v2.RandomResizedCrop(
-            image_size, scale=tuple(scale), ratio=(0.9, 1 / 0.9), antialias=True
-        )
+AUGMENTS = ("crop", "affine")
+
+
+def build_transform(image_size: int, train: bool, scale=(0.85, 1.0), augment: str = "crop"):
+    """``[1,H,W]`` in [0,1] -> normalised ``[3,S,S]``. No flip, train or eval. Train-time
+    ``augment``: "crop" = RandomResizedCrop(scale, ratio 0.9-1.11); "affine" = SS-ACL's resize then
+    RandomAffine(20 degrees, scale 0.8-1.2) (its horizontal flip left out)."""
+    if augment not in AUGMENTS:
+        raise ValueError(f"data.augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
+    square = v2.Resize((image_size, image_size), antialias=True)
+    if not train:
+        resize = square
+    elif augment == "affine":
+        resize = v2.Compose([square, v2.RandomAffine(degrees=20, scale=(0.8, 1.2))])
     else:
-        resize = v2.Resize((image_size, image_size), antialias=True)
+        resize = v2.RandomResizedCrop(image_size, scale=tuple(scale), ratio=(0.9, 1 / 0.9), antialias=True)
 
     def transform(img: torch.Tensor) -> torch.Tensor:
         img = resize(img)
@@ -283,7 +291,7 @@ def build_dataset(cfg, split: str, train: bool, graph=None) -> CXRDataset:
     anatomies = (
         torch.stack(anat_rows) if samples else torch.zeros(0, graph.num_leaves, dtype=torch.bool)
     )
-    transform = build_transform(d.image_size * d.sr_scale, train, d.random_resized_crop)
+    transform = build_transform(d.image_size * d.sr_scale, train, d.random_resized_crop, d.augment)
     if unchecked:
         log.warning("%s split %r: %d records have no 'views' field: image_path[0] taken as the "
                     "frontal view unchecked", ann, split, unchecked)

@@ -125,6 +125,12 @@ def test_no_horizontal_flip(tmp_path):
         for _ in range(30):
             x = t(img)
             assert x[:, :, :4].mean() > norm(0.9) and x[:, :, -4:].mean() < norm(0.1)
+    affine = build_transform(32, train=True, augment="affine")  # rotated and scaled, never mirrored
+    for _ in range(30):
+        x = affine(img)
+        assert x[:, :, :16].mean() > x[:, :, 16:].mean() + 1.0
+    with pytest.raises(ValueError, match="data.augment"):
+        build_transform(32, train=True, augment="flip")
 
 
 @pytest.mark.parametrize("bad, kind, needle", [

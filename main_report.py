@@ -19,7 +19,7 @@ from datasets.cxr import build_dataset
 from datasets.loaders import eval_loader
 from engine import setup
 from engine.calibrate import calibrate_entity_thresholds
-from engine.evaluate import generate_and_score
+from engine.evaluate import evaluate_grounding, generate_and_score
 from engine.predict import predict_images_from_config
 from engine.train import train_epochs
 from models.ssacl import SSACL
@@ -28,22 +28,14 @@ from utils.dist import cleanup, is_main_process
 
 def get_args_parser():
     p = setup.parser("SS-ACL report generation: fine-tune, --eval, --predict")
-    p.add_argument(
-        "--eval", action="store_true", help="score eval.split (default test) with --checkpoint"
-    )
+    p.add_argument("--eval", action="store_true", help="score eval.split (default test) with --checkpoint")
     p.add_argument("--checkpoint", default=None, help="SS-ACL checkpoint for --eval / --predict")
-    p.add_argument(
-        "--predict",
-        nargs="+",
-        default=None,
-        metavar="IMAGE",
-        help="write report, entities and heatmaps for these images (no annotation needed)",
-    )
-    p.add_argument(
-        "--visualize",
-        action="store_true",
-        help="with --eval: heatmap overlays for every study (default: the first eval.num_visualize)",
-    )
+    p.add_argument("--predict", nargs="+", default=None, metavar="IMAGE",
+                   help="write report, entities and heatmaps for these images (no annotation needed)")
+    p.add_argument("--visualize", action="store_true",
+                   help="with --eval: heatmap overlays for every study (default: the first eval.num_visualize)")
+    p.add_argument("--grounding-only", action="store_true",
+                   help="with --eval: only the heatmaps' grounding figures on the synthetic masks (no generation)")
     return p
 
 
@@ -54,17 +46,9 @@ def finetune(cfg):
     def validate(epoch, step):
         if cfg.model.entity.calibrate:
             calibrate_entity_thresholds(run.model, run.val_loader, info.device, cfg.train.amp)
-        val = generate_and_score(
-            run.model,
-            run.val_loader,
-            info.device,
-            cfg,
-            run_dir / "val" / f"epoch_{epoch:04d}",
-            tb=tb,
-            epoch=epoch,
-            prefix="val",
-            step=step,
-        )
+        out_dir = run_dir / "val" / f"epoch_{epoch:04d}"
+        val = generate_and_score(run.model, run.val_loader, info.device, cfg, out_dir, tb=tb, epoch=epoch,
+                                 prefix="val", step=step)
         return {f"val/{k}": v for k, v in val.items()}
 
     train_epochs(run, cfg, info.device, tb, run_dir, validate)
@@ -73,23 +57,25 @@ def finetune(cfg):
     tb.close()
 
 
-def evaluate(cfg, checkpoint, visualize_all: bool):
+def evaluate(cfg, checkpoint, visualize_all: bool, grounding_only: bool):
     info, run_dir, tb = setup.setup_run(cfg)
     model = SSACL.from_checkpoint(checkpoint, cfg, info.device)
-    split = cfg.eval.split
+    split, out_dir = cfg.eval.split, run_dir / f"eval_{cfg.eval.split}"
     dataset = build_dataset(cfg, split, train=False)
     print(f"{split}: {len(dataset)} samples")
-    metrics = generate_and_score(
-        model,
-        eval_loader(dataset, cfg, info),
-        info.device,
-        cfg,
-        run_dir / f"eval_{split}",
-        tb=tb,
-        prefix=split,
-        num_visualize=len(dataset) if visualize_all else None,
-    )
-    print(f"wrote {run_dir / f'eval_{split}'}/generated.jsonl and metrics.json")
+    loader = eval_loader(dataset, cfg, info)
+    if grounding_only:
+        metrics = evaluate_grounding(model, loader, info.device, cfg, split)
+        if is_main_process():
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "grounding.json").write_text(json.dumps(metrics, indent=2))
+            print(json.dumps({k: v for k, v in metrics.items() if not isinstance(v, dict)}))
+        print(f"wrote {out_dir / 'grounding.json'}")
+    else:
+        num_visualize = len(dataset) if visualize_all else None
+        metrics = generate_and_score(model, loader, info.device, cfg, out_dir, tb=tb, prefix=split,
+                                     num_visualize=num_visualize)
+        print(f"wrote {out_dir}/generated.jsonl and metrics.json")
     tb.close()
     return metrics
 
@@ -100,11 +86,7 @@ def predict(cfg, checkpoint, images):
     if is_main_process():
         rows = predict_images_from_config(model, images, cfg, run_dir / "predict", info.device)
         for r in rows:
-            print(
-                json.dumps(
-                    {k: r[k] for k in ("id", "image_path", "report", "entities", "anatomies")}
-                )
-            )
+            print(json.dumps({k: r[k] for k in ("id", "image_path", "report", "entities", "anatomies")}))
         print(f"wrote {run_dir / 'predict'}")
 
 
@@ -115,7 +97,7 @@ def main(args):
     if args.predict:
         predict(cfg, args.checkpoint, args.predict)
     elif args.eval:
-        evaluate(cfg, args.checkpoint, args.visualize)
+        evaluate(cfg, args.checkpoint, args.visualize, args.grounding_only)
     else:
         finetune(cfg)
     cleanup()

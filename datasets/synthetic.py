@@ -335,11 +335,12 @@ def _tube(X, Y, path, half_width: float, r_unit: float) -> np.ndarray:
 
 
 def _draw_findings(events, p, R, E, X, Y, img, lung_soft, rng, px, S):
-    """Add each finding to ``img`` in place; return (type, leaf, mask) per finding entry."""
-    out = []
+    """Add each finding to ``img`` in place; return (type, leaf, mask, event index) per finding
+    entry (bilateral edema gives two entries for one event)."""
+    out, owners = [], []
     r_unit = S * p["scale"]          # pixels per canonical unit
     wide_tube = max(0.007, 0.9 / r_unit)   # half-width of an endotracheal / enteric tube
-    for ev in events:
+    for k, ev in enumerate(events):
         t, leaf = ev["type"], ev["leaf"]
         if t in ("opacity", "consolidation", "nodule", "atelectasis"):
             zone = R[leaf]
@@ -497,7 +498,8 @@ def _draw_findings(events, p, R, E, X, Y, img, lung_soft, rng, px, S):
                 ]
             img += 0.45 * _tube(X, Y, path, max(0.0045, 0.6 / r_unit), r_unit)
             out.append((t, leaf, _disc(X, Y, tip[0], tip[1], 0.025) & R[leaf]))
-    return out
+        owners += [k] * (len(out) - len(owners))
+    return [(*entry, k) for entry, k in zip(out, owners)]
 
 
 # ----------------------------------------------------------------------------- one study
@@ -545,12 +547,11 @@ def render_study(index: int, size: int = 224, seed: int = 0, normal_frac: float 
     lut = ((np.linspace(0, 1, 1024) ** rng.uniform(0.85, 1.15)) * 255 + 0.5).astype(np.uint8)
     image = lut[(np.clip(img, 0, 1) * 1023 + 0.5).astype(np.int32)]
 
-    report, labels = make_report(events, rng)
-    anat = {lf for t, lf, _ in found} | {a for ev in events for a in extra_anatomies(ev)}
+    report, labels, sentences = make_report(events, rng)
+    anat = {lf for t, lf, _, _ in found} | {a for ev in events for a in extra_anatomies(ev)}
     anatomies = [n for n in GRAPH.leaf_names if n in anat]
-    findings = [
-        {"type": t, "observation": FINDINGS[t][0], "anatomy": lf, "mask": m} for t, lf, m in found
-    ]
+    findings = [{"type": t, "observation": FINDINGS[t][0], "anatomy": lf, "mask": m, "sentence": sentences[k]}
+                for t, lf, m, k in found]
     return {"image": image, "regions": {n: R[n] for n in GRAPH.leaf_names}, "findings": findings,
             "report": report, "labels": labels, "anatomies": anatomies}
 
@@ -595,6 +596,7 @@ def _write_study(job) -> dict:
                 "observation": f["observation"],
                 "anatomy": f["anatomy"],
                 "mask": rel,
+                "sentence": f["sentence"],
             }
         )
     return {

@@ -231,11 +231,12 @@ def _normal_sentences(types: set, rng) -> tuple[list[str], list[str]]:
     return sents, negated
 
 
-def make_report(events, rng) -> tuple[str, list]:
+def make_report(events, rng) -> tuple[str, list, list[str]]:
     """(report text, 14 CheXpert labels: 1 finding, 0 negated by a normal sentence, None
-    unmentioned)."""
+    unmentioned, each event's sentence as written in the report)."""
     types = {ev["type"] for ev in events}
     found = [_choose(rng, finding_templates(ev)) for ev in events]
+    sentences = [s[0].upper() + s[1:] + "." for s in found]
     normal, negated = _normal_sentences(types, rng)
     rng.shuffle(found)
     rng.shuffle(normal)
@@ -248,4 +249,4 @@ def make_report(events, rng) -> tuple[str, list]:
         labels[OBSERVATION_INDEX[obs]] = 1.0
     if observations <= NO_LABEL_OR_DEVICE:
         labels[OBSERVATION_INDEX["No Finding"]] = 1.0
-    return text, labels
+    return text, labels, sentences

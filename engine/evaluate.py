@@ -31,6 +31,7 @@ from models.report_decoder import decoding_options
 from utils.checkpoint import unwrap
 from utils.dist import all_reduce_sum, broadcast_object, gather_objects, is_main_process
 from utils.seed import sample_keys
+from vocab.anatomy_graph import graph_for_leaves
 
 
 @torch.no_grad()
@@ -79,20 +80,74 @@ def score_reports(rows: list[dict], cfg, device="cpu") -> tuple[dict[str, float]
     return flat_scores(result), result["clinical_efficacy"]
 
 
+class SyntheticGrounder:
+    """Scores a batch's heatmaps (and the location prior's, when the model has one) against the
+    synthetic masks of one split; a split without masks (e.g. MIMIC-CXR) scores nothing."""
+
+    def __init__(self, net, cfg, split: str):
+        self.net, self.records = net, mask_records(cfg.data.annotation, split)
+        self.root = Path(cfg.data.annotation).parent  # mask paths are relative to annotation.json
+        self.graph, self.prior_maps = graph_for_leaves(net.leaf_names), None
+
+    def __call__(self, heat: torch.Tensor, ids: list[str], image_size) -> list[dict]:
+        if not self.records:
+            return [{} for _ in ids]
+        recs = [record_for(self.records, i) for i in ids]
+        ground = synthetic_grounding(heat, recs, self.root, self.graph)
+        if self.prior_maps is None:  # the location prior alone: what the model's maps are compared with
+            self.prior_maps = self.net.prior_heatmaps(tuple(image_size))
+        if self.prior_maps is None:
+            return ground
+        prior = synthetic_grounding(self.prior_maps.expand(len(recs), -1, -1, -1), recs, self.root,
+                                    self.graph)
+        return [{**g, "prior": p} for g, p in zip(ground, prior)]
+
+    def summary(self, rows: list[dict]) -> dict:
+        """The model's grounding figures and, as prior_*, the location prior's alone."""
+        if not self.records:
+            return {}
+        out = summarize_grounding(rows)
+        if rows and "prior" in rows[0]:
+            prior = summarize_grounding([r["prior"] for r in rows])
+            out.update({f"prior_{k}": v for k, v in prior.items() if k != "pointing_game_by_leaf"})
+        return out
+
+
+def _unique(gathered: list[list[dict]]) -> list[dict]:
+    """Rows of every rank, one per dataset index (the padded sampler repeats a few), in order."""
+    return sorted({r["index"]: r for part in reversed(gathered) for r in part}.values(),
+                  key=lambda r: r["index"])
+
+
 @torch.no_grad()
-def generate_and_score(
-    model,
-    loader,
-    device,
-    cfg,
-    out_dir,
-    tb=None,
-    epoch=None,
-    prefix: str = "val",
-    num_visualize: int | None = None,
-    step: int | None = None,
-    split: str | None = None,
-) -> dict:
+def evaluate_grounding(model, loader, device, cfg, split: str) -> dict:
+    """The grounding figures of the model's heatmaps on ``split`` (no report is generated): leaf
+    pointing game, finding-level localisation, CNR, and the location prior's alone beside them."""
+    net = unwrap(model)
+    net.eval()
+    dtype, grounder, rows = resolve_amp(cfg.train.amp, device), SyntheticGrounder(net, cfg, split), []
+    if not grounder.records:
+        raise ValueError(f"{cfg.data.annotation}: split {split!r} has no synthetic masks to ground against")
+    for batch in loader:
+        if batch is None:
+            continue
+        batch = to_device(batch, device)
+        with autocast(device, dtype):
+            heat = net.heatmaps(batch["image"]).float()
+        ground = grounder(heat, batch["id"], batch["image"].shape[-2:])
+        rows += [{"index": i, **g} for i, g in zip(batch["index"].tolist(), ground)]
+    gathered = gather_objects(rows)
+    metrics = None
+    if is_main_process():
+        unique = _unique(gathered)
+        metrics = {**grounder.summary(unique), "num_studies": len(unique)}
+    return broadcast_object(metrics)
+
+
+@torch.no_grad()
+def generate_and_score(model, loader, device, cfg, out_dir, tb=None, epoch=None, prefix: str = "val",
+                       num_visualize: int | None = None, step: int | None = None,
+                       split: str | None = None) -> dict:
     """Generate a report for every study of ``loader``'s split (sharded over ranks), gather and
     de-duplicate on rank 0, score (language, clinical efficacy, and grounding when the records carry
     synthetic masks), write ``out_dir``/generated.jsonl + metrics.json + heatmap overlays, log to
@@ -102,10 +157,9 @@ def generate_and_score(
     net = unwrap(model)
     net.eval()
     dtype = resolve_amp(cfg.train.amp, device)
-    records = mask_records(cfg.data.annotation, split or prefix)
-    root = Path(cfg.data.annotation).parent  # mask paths are relative to the annotation.json folder
+    grounder = SyntheticGrounder(net, cfg, split or prefix)
     num_visualize = cfg.eval.num_visualize if num_visualize is None else num_visualize
-    rows, visuals, prior_maps = [], [], None
+    rows, visuals = [], []
     for batch in loader:
         if batch is None:  # every sample unreadable (data.skip_bad)
             continue
@@ -113,33 +167,14 @@ def generate_and_score(
         with autocast(device, dtype):
             outs = net.generate(batch, **decoding_options(cfg.eval))
         want_vis = is_main_process() and len(visuals) < num_visualize
-        recs = [record_for(records, o["id"]) for o in outs]
         ground = [{}] * len(outs)
-        if records or want_vis:
+        if grounder.records or want_vis:
             with autocast(device, dtype):
                 heat = net.heatmaps(batch["image"]).float()
-        if records:
-            ground = synthetic_grounding(heat, recs, root, net.leaf_names)
-            # the location prior alone: what the model's maps are compared with
-            if prior_maps is None:
-                prior_maps = net.prior_heatmaps(tuple(batch["image"].shape[-2:]))
-            if prior_maps is not None:
-                prior = synthetic_grounding(
-                    prior_maps.expand(len(recs), -1, -1, -1), recs, root, net.leaf_names
-                )
-                ground = [{**g, "prior": p} for g, p in zip(ground, prior)]
+            ground = grounder(heat, [o["id"] for o in outs], batch["image"].shape[-2:])
         for j, (o, i) in enumerate(zip(outs, batch["index"].tolist())):
-            rows.append(
-                {
-                    "index": i,
-                    "id": o["id"],
-                    "generated": o["report"],
-                    "reference": batch["report"][j],
-                    "entities": list(o["entities"]),
-                    "anatomies": list(o["anatomies"]),
-                    **ground[j],
-                }
-            )
+            rows.append({"index": i, "id": o["id"], "generated": o["report"], "reference": batch["report"][j],
+                         "entities": list(o["entities"]), "anatomies": list(o["anatomies"]), **ground[j]})
             if want_vis and len(visuals) < num_visualize:
                 visuals.append((batch["image"][j].float().cpu(), heat[j].cpu(), rows[-1]))
 
@@ -147,17 +182,9 @@ def generate_and_score(
     skipped = skipped_counts(getattr(loader, "dataset", None), device)
     metrics = None
     if is_main_process():
-        unique = sorted({r["index"]: r for part in reversed(gathered) for r in part}.values(),
-                        key=lambda r: r["index"])
+        unique = _unique(gathered)
         metrics, ce = score_reports(unique, cfg, device)
-        if records:
-            metrics.update(summarize_grounding(unique))
-        # e.g. prior_pointing_game: the prior alone, the same for every image
-        if unique and "prior" in unique[0]:
-            prior = summarize_grounding([r["prior"] for r in unique])
-            metrics.update(
-                {f"prior_{k}": v for k, v in prior.items() if k != "pointing_game_by_leaf"}
-            )
+        metrics.update(grounder.summary(unique))
         metrics["num_studies"] = len(unique)
         metrics["num_skipped"] = sum(skipped.values())
         if metrics["num_skipped"]:
@@ -165,31 +192,17 @@ def generate_and_score(
                   + ", ".join(f"{k} {v}" for k, v in skipped.items() if v))
         out_dir = Path(out_dir)
         _write(out_dir, unique, {**metrics, "skipped": skipped, "clinical_efficacy": ce})
-        paths = (
-            write_overlay_batch(out_dir / "overlays", visuals, net.leaf_names) if visuals else []
-        )
-        _log(
-            tb,
-            unique,
-            paths,
-            metrics,
-            prefix,
-            epoch if step is None else step,
-            cfg.eval.num_text_samples,
-        )
+        paths = write_overlay_batch(out_dir / "overlays", visuals, net.leaf_names) if visuals else []
+        _log(tb, unique, paths, metrics, prefix, epoch if step is None else step, cfg.eval.num_text_samples)
     return broadcast_object(metrics)
 
 
 def _write(out_dir: Path, rows: list[dict], metrics: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
+    keys = ("id", "generated", "reference", "entities", "anatomies")
     with open(out_dir / "generated.jsonl", "w") as f:
         for r in rows:
-            f.write(
-                json.dumps(
-                    {k: r[k] for k in ("id", "generated", "reference", "entities", "anatomies")}
-                )
-                + "\n"
-            )
+            f.write(json.dumps({k: r[k] for k in keys}) + "\n")
     with open(out_dir / "metrics.json", "w") as f:
         json.dump(metrics, f, indent=2)
 
@@ -202,17 +215,9 @@ def _log(tb, rows, overlay_paths, metrics, prefix, step, num_text_samples: int) 
         return
     tb.add_scalars(metrics, step, prefix=prefix)
     for r in rows[:num_text_samples]:
-        tb.add_text(
-            f"{prefix}/report/{r['id']}",
-            f"**generated:** {r['generated']}\n\n"
-            f"**reference:** {r['reference']}\n\n**entities:** {', '.join(r['entities']) or 'none'}",
-            step,
-        )
+        tb.add_text(f"{prefix}/report/{r['id']}", f"**generated:** {r['generated']}\n\n**reference:** "
+                    f"{r['reference']}\n\n**entities:** {', '.join(r['entities']) or 'none'}", step)
     for p in overlay_paths:
         with Image.open(p) as im:
-            tb.add_image(
-                f"{prefix}/overlay/{Path(p).stem}",
-                np.asarray(im.convert("RGB")),
-                step,
-                dataformats="HWC",
-            )
+            image = np.asarray(im.convert("RGB"))
+        tb.add_image(f"{prefix}/overlay/{Path(p).stem}", image, step, dataformats="HWC")

@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from datasets.cxr import MEAN, STD
 from models.heatmaps import sentence_heatmap
-from vocab.anatomy_graph import AnatomyGraph
+from vocab.anatomy_graph import AnatomyGraph, graph_for_leaves
 from vocab.report_text import sentence_anatomies, split_sentences
 
 
@@ -149,20 +149,11 @@ def write_overlays(
     return {**summary, "json": str(out_dir / f"{stem}.json"), "overlays": paths}
 
 
-def graph_for(leaf_names) -> AnatomyGraph:
-    """The default chest graph for its own leaves; a flat graph (leaf order kept) for any other
-    model's."""
-    graph = AnatomyGraph.default()
-    if leaf_names is None or tuple(leaf_names) == graph.leaf_names:
-        return graph
-    return AnatomyGraph({"root": tuple(leaf_names)}, root="root")
-
-
 def write_overlay_batch(out_dir, visuals, leaf_names=None) -> list[str]:
     """Overlays of evaluated studies (engine/evaluate.py). ``visuals``: ``(normalised image [3,H,W],
     heatmaps [K,H,W], row)`` with row {"id", "generated" (or "report"), "entities", "anatomies",
     optional "reference"}; ``leaf_names``: the model's, in heatmap order. Returns the PNG paths."""
-    graph = graph_for(leaf_names)
+    graph = graph_for_leaves(leaf_names)
     paths = []
     for image, heat, row in visuals:
         extra = {"reference": row["reference"]} if "reference" in row else None

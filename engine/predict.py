@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 
 from datasets.cxr import build_transform, load_image
-from engine.overlays import denormalize, graph_for, safe_name, write_overlays
+from engine.overlays import denormalize, safe_name, write_overlays
 from models.report_decoder import decoding_options
+from vocab.anatomy_graph import graph_for_leaves
 
 
 def _read(path, min_size: int, print_fn):
@@ -40,7 +41,7 @@ def predict_images(model, image_paths, transform, device, out_dir, gen_kwargs: d
     overlays show the image as the model saw it (resized). Returns one dict per readable image
     (``write_overlays``'s, plus "image_path").
     """
-    graph = graph_for(model.leaf_names)
+    graph = graph_for_leaves(model.leaf_names)
     was_training = model.training
     model.eval()
     ids, seen = [], set()

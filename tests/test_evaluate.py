@@ -46,7 +46,8 @@ class MeanLoss(nn.Module):
 def test_evaluate_loss_is_the_sample_weighted_mean():
     data = [{"image": torch.full((3, 2, 2), float(i)), "id": str(i), "index": i} for i in range(7)]
     loader = DataLoader(data, batch_size=3, collate_fn=lambda items: {
-        "image": torch.stack([d["image"] for d in items]), "id": [d["id"] for d in items]})
+        "image": torch.stack([d["image"] for d in items]), "id": [d["id"] for d in items],
+        "index": torch.tensor([d["index"] for d in items])})
     out = evaluate_loss(MeanLoss(), loader, "cpu", "auto")  # batches of 3, 3, 1
     assert out == pytest.approx({"loss": 3.0, "double": 6.0, "num_skipped": 0})
 
@@ -59,13 +60,13 @@ class Counted(list):
 
 
 def test_evaluate_loss_skips_an_empty_batch_and_counts_the_skipped():
-    data = Counted([{"image": torch.full((3, 2, 2), float(i)), "id": str(i)} for i in range(6)])
+    data = Counted([{"image": torch.full((3, 2, 2), float(i)), "id": str(i), "index": i} for i in range(6)])
     data[3] = data[4] = data[5] = None  # the second batch has no readable sample
 
     def collate_readable(items):
         items = [d for d in items if d is not None]
-        return {"image": torch.stack([d["image"] for d in items]),
-                "id": [d["id"] for d in items]} if items else None
+        return {"image": torch.stack([d["image"] for d in items]), "id": [d["id"] for d in items],
+                "index": torch.tensor([d["index"] for d in items])} if items else None
 
     loader = DataLoader(data, batch_size=3, collate_fn=collate_readable)
     out = evaluate_loss(MeanLoss(), loader, "cpu")
@@ -225,7 +226,7 @@ def test_generate_and_score_counts_skipped_inputs_in_metrics_json(synth, tmp_pat
     metrics = generate_and_score(model, _loader(dataset, list(range(len(dataset)))), "cpu", cfg,
                                  tmp_path / "out", prefix="test", num_visualize=0)
     saved = json.load(open(tmp_path / "out" / "metrics.json"))
-    assert saved["skipped"] == {"bad_record": 0, "empty_report": 0, "non_latin_report": 0,
+    assert saved["skipped"] == {"bad_record": 0, "empty_report": 0, "non_latin_report": 0, "no_frontal": 0,
                                 "missing_image": 0, "unreadable_image": 1}
     assert saved["num_skipped"] == metrics["num_skipped"] == 1
     assert metrics["num_studies"] == len(dataset) - 1

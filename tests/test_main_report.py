@@ -38,9 +38,8 @@ def test_pretrain_finetune_eval_predict(tmp_path):
     ann = synthetic(tmp_path / "data", n=30)  # 24 train, 3 val, 3 test
     test_ids = [r["id"] for r in json.load(open(ann))["test"]]
     out = tmp_path / "out"
-    common = dict(
-        optim={"epochs": 1, "warmup_epochs": 0.5}, eval={"meteor": False, "num_visualize": 2}
-    )
+    common = dict(optim={"epochs": 1, "warmup_epochs": 0.5}, eval={"meteor": False, "num_visualize": 2},
+                  model={**TINY_MODEL, "location_prior": {"enabled": True}}, loss={"rest": {"weight": 1.0}})
     pre_cfg = write_config(tmp_path / "pre.yaml", ann, out, "pre", **common)
     rep_cfg = write_config(
         tmp_path / "rep.yaml",

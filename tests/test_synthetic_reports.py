@@ -44,7 +44,8 @@ def test_every_template_of_every_finding(t):
             for other in ([], [{"type": "effusion", "leaf": "left costophrenic angle"}]):
                 if t == "effusion" and other:
                     continue
-                text, labels = make_report([ev] + other, FixedChoice(k))
+                text, labels, sentences = make_report([ev] + other, FixedChoice(k))
+                assert sentences[0] in text  # the finding's own sentence, as written
                 texts.append(text)
                 want.append(labels)
     got = RuleLabeler().label(texts)

@@ -15,7 +15,7 @@ from datasets.loaders import ResumableSampler
 from datasets.tokenizer import build_tokenizers
 from engine.optim import make_scaler, resolve_amp
 from engine.train import position_loader, train_epochs, train_one_epoch
-from tests.helpers import python, synthetic, torchrun, write_config
+from tests.helpers import TINY_MODEL, python, synthetic, torchrun, write_config
 from utils.checkpoint import Checkpointer
 from utils.config import load_config
 from utils.lr_sched import lr_at, param_groups
@@ -375,7 +375,8 @@ def test_two_ranks_match_one_process(tmp_path):
     ann = synthetic(tmp_path / "data", n=30)
     cfg_path = write_config(tmp_path / "cfg.yaml", ann, tmp_path / "out",
                             optim={"lr": 0.05, "warmup_epochs": 0.0, "epochs": 1, "clip_grad": 0.0},
-                            data={"eval_batch_size": 2})
+                            data={"eval_batch_size": 2}, loss={"rest": {"weight": 1.0}},
+                            model={**TINY_MODEL, "location_prior": {"enabled": True}})
     cfg = load_config(cfg_path)
     build_tokenizers(cfg, [r["report"] for r in load_annotation(ann, "train")], tmp_path / "tok")
     sets = [f"model.text.tokenizer={tmp_path / 'tok' / 'text_tokenizer'}",

@@ -162,3 +162,11 @@ def graph_from_name(name: str) -> AnatomyGraph:
     raise ValueError(
         f"model.graph: unknown anatomy graph {name!r} (default | synthetic_<num_leaves>)"
     )
+
+
+def graph_for_leaves(leaf_names) -> AnatomyGraph:
+    """The default chest graph for its own leaves; a flat graph (leaf order kept) for any other."""
+    graph = AnatomyGraph.default()
+    if leaf_names is None or tuple(leaf_names) == graph.leaf_names:
+        return graph
+    return AnatomyGraph({"root": tuple(leaf_names)}, root="root")

@@ -299,7 +299,8 @@ class SSACL(nn.Module):
         if "lm" in enabled:
             shown = EntityHead.leaves_shown(finding_leaves)
             visual, visual_mask = visual_prefix(
-                leaf_tokens, unmasked["cls"], unmasked["patches"], shown
+                leaf_tokens, unmasked["cls"], unmasked["patches"], shown,
+                cls_visible=self.report_decoder.cls_visible,
             )
             losses["lm"] = self.report_decoder(visual, visual_mask, prompts, batch["report"])
         losses["loss"] = sum(
@@ -329,7 +330,8 @@ class SSACL(nn.Module):
         else:
             entities = [[] for _ in range(B)]
             shown = torch.ones(B, self.graph.num_leaves, dtype=torch.bool, device=images.device)
-        visual, visual_mask = visual_prefix(out["queries"], out["cls"], out["patches"], shown)
+        visual, visual_mask = visual_prefix(out["queries"], out["cls"], out["patches"], shown,
+                                            cls_visible=self.report_decoder.cls_visible)
         reports = self.report_decoder.generate(
             visual, visual_mask, [format_prompt(e) for e in entities], **decoding
         )

@@ -2,8 +2,9 @@
 epoch of the real SS-ACL through engine.train, then optionally generation over a split.
 
 Made deterministic across process counts: no augmentation (eval transform on train), dropout off,
-and MAE masking noise drawn per sample from its dataset index (the model draws it from the global
-RNG). Plain SGD without clipping, so that the parameters are a linear function of the gradients.
+and MAE masking noise and the LM's prompt dropout drawn per sample from its dataset index (the
+model draws them from the global RNG). Plain SGD without clipping, so that the parameters are a
+linear function of the gradients.
 """
 import argparse
 from pathlib import Path
@@ -19,6 +20,7 @@ from engine.evaluate import generate_and_score
 from engine.optim import wrap_ddp
 from engine.setup import ensure_location_prior
 from engine.train import train_one_epoch
+from models.report_decoder import ReportDecoder
 from models.ssacl import SSACL
 from utils.config import load_config
 from utils.dist import cleanup, init_distributed
@@ -26,9 +28,10 @@ from utils.lr_sched import param_groups
 
 
 def per_sample_masking():
-    """Masking noise of each sample from a generator seeded by its dataset index."""
+    """Masking noise and the LM's prompt-dropout draws of each sample from generators seeded by its
+    dataset index."""
     current = {}
-    forward, masking = SSACL.forward, vit.random_masking
+    forward, masking, keep = SSACL.forward, vit.random_masking, ReportDecoder.keep_prompts
 
     def ssacl_forward(self, batch):
         current["index"] = batch["index"].tolist()
@@ -44,7 +47,14 @@ def per_sample_masking():
             ).to(device)
         return masking(batch, length, mask_ratio, device, noise)
 
+    def keep_prompts(self, n):  # the LM's prompt dropout, drawn per sample from its index too
+        if self.prompt_dropout <= 0 or len(current.get("index") or ()) != n:
+            return keep(self, n)
+        return [bool(torch.rand(1, generator=torch.Generator().manual_seed(2000 + i))
+                     >= self.prompt_dropout) for i in current["index"]]
+
     SSACL.forward, vit.random_masking = ssacl_forward, random_masking
+    ReportDecoder.keep_prompts = keep_prompts
 
 
 def main():

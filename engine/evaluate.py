@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from datasets.loaders import to_device
-from engine.optim import autocast, resolve_amp
+from engine.optim import autocast, full_parameters, resolve_amp
 from engine.overlays import write_overlay_batch
 from metrics.clinical import format_table, labeler_from_config
 from metrics.reports import flat_scores, score_records
@@ -96,42 +96,43 @@ def generate_and_score(
     root = Path(cfg.data.annotation).parent  # mask paths are relative to the annotation.json folder
     num_visualize = cfg.eval.num_visualize if num_visualize is None else num_visualize
     rows, visuals, prior_maps = [], [], None
-    for batch in loader:
-        if batch is None:  # every sample unreadable (data.skip_bad)
-            continue
-        batch = to_device(batch, device)
-        with autocast(device, dtype):
-            outs = net.generate(batch, **decoding_options(cfg.eval))
-        want_vis = is_main_process() and len(visuals) < num_visualize
-        recs = [record_for(records, o["id"]) for o in outs]
-        ground = [{}] * len(outs)
-        if records or want_vis:
+    with full_parameters(model):  # FSDP: whole weights, no collective per generated token
+        for batch in loader:
+            if batch is None:  # every sample unreadable (data.skip_bad)
+                continue
+            batch = to_device(batch, device)
             with autocast(device, dtype):
-                heat = net.heatmaps(batch["image"]).float()
-        if records:
-            ground = synthetic_grounding(heat, recs, root, net.leaf_names)
-            # the location prior alone: what the model's maps are compared with
-            if prior_maps is None:
-                prior_maps = net.prior_heatmaps(tuple(batch["image"].shape[-2:]))
-            if prior_maps is not None:
-                prior = synthetic_grounding(
-                    prior_maps.expand(len(recs), -1, -1, -1), recs, root, net.leaf_names
+                outs = net.generate(batch, **decoding_options(cfg.eval))
+            want_vis = is_main_process() and len(visuals) < num_visualize
+            recs = [record_for(records, o["id"]) for o in outs]
+            ground = [{}] * len(outs)
+            if records or want_vis:
+                with autocast(device, dtype):
+                    heat = net.heatmaps(batch["image"]).float()
+            if records:
+                ground = synthetic_grounding(heat, recs, root, net.leaf_names)
+                # the location prior alone: what the model's maps are compared with
+                if prior_maps is None:
+                    prior_maps = net.prior_heatmaps(tuple(batch["image"].shape[-2:]))
+                if prior_maps is not None:
+                    prior = synthetic_grounding(
+                        prior_maps.expand(len(recs), -1, -1, -1), recs, root, net.leaf_names
+                    )
+                    ground = [{**g, "prior": p} for g, p in zip(ground, prior)]
+            for j, (o, i) in enumerate(zip(outs, batch["index"].tolist())):
+                rows.append(
+                    {
+                        "index": i,
+                        "id": o["id"],
+                        "generated": o["report"],
+                        "reference": batch["report"][j],
+                        "entities": list(o["entities"]),
+                        "anatomies": list(o["anatomies"]),
+                        **ground[j],
+                    }
                 )
-                ground = [{**g, "prior": p} for g, p in zip(ground, prior)]
-        for j, (o, i) in enumerate(zip(outs, batch["index"].tolist())):
-            rows.append(
-                {
-                    "index": i,
-                    "id": o["id"],
-                    "generated": o["report"],
-                    "reference": batch["report"][j],
-                    "entities": list(o["entities"]),
-                    "anatomies": list(o["anatomies"]),
-                    **ground[j],
-                }
-            )
-            if want_vis and len(visuals) < num_visualize:
-                visuals.append((batch["image"][j].float().cpu(), heat[j].cpu(), rows[-1]))
+                if want_vis and len(visuals) < num_visualize:
+                    visuals.append((batch["image"][j].float().cpu(), heat[j].cpu(), rows[-1]))
 
     gathered = gather_objects(rows)
     metrics = None

@@ -15,9 +15,9 @@ from torch import nn
 from datasets.cxr import build_dataset
 from datasets.loaders import eval_loader, subset_loader, train_loader
 from datasets.tokenizer import checkpoint_tokenizers, run_tokenizers
-from engine.optim import build_optimizer, wrap_ddp
+from engine.optim import build_optimizer, wrap_model
 from models.ssacl import SSACL
-from utils.checkpoint import Checkpointer, count_parameters, load_partial
+from utils.checkpoint import Checkpointer, count_parameters, load_partial, unwrap
 from utils.config import add_config_args, load_config, save_config
 from utils.dist import DistInfo, barrier, init_distributed, is_main_process
 from utils.logging import TBWriter, setup_logging
@@ -79,7 +79,7 @@ def setup_run(cfg, log: bool = True) -> tuple[DistInfo, Path, TBWriter]:
 
 @dataclass
 class TrainingRun:
-    model: nn.Module  # wrapped in DDP when distributed
+    model: nn.Module  # wrapped in DDP (or sharded by FSDP) when distributed
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     checkpointer: Checkpointer
@@ -92,7 +92,8 @@ class TrainingRun:
 def prepare_training(cfg, info: DistInfo, run_dir: Path) -> TrainingRun:
     """Datasets, tokenizers (inherited from ``train.pretrained``'s run when set), the model (its
     weights from ``train.pretrained``, partially), optimizer, checkpointer (resumed per
-    ``train.resume``), the location prior when the model needs one, DDP and the loaders."""
+    ``train.resume``), the location prior when the model needs one, DDP or FSDP (``train.fsdp``)
+    and the loaders."""
     train_set = build_dataset(cfg, "train", train=True)
     val_set = build_dataset(cfg, "val", train=False)
     print(f"train: {len(train_set)} samples  val: {len(val_set)} samples")
@@ -110,14 +111,16 @@ def prepare_training(cfg, info: DistInfo, run_dir: Path) -> TrainingRun:
         print(f"pretrained {pretrained}: {load_partial(model, state)}")
     model.to(info.device)
     print(f"model: {count_parameters(model)}; losses {model.weights}")
-    optimizer, scaler = build_optimizer(cfg, model, info)
+    # DDP or FSDP first: FSDP replaces the parameters the optimizer holds and a resume loads
+    model = wrap_model(model, cfg, info)
+    optimizer, scaler = build_optimizer(cfg, unwrap(model), info)
     checkpointer = Checkpointer(
         run_dir, cfg, model, optimizer, scaler, extra={"tokenizers": tok_dirs}
     )
     start_epoch, start_step = checkpointer.resume(cfg.train.resume)
-    ensure_location_prior(model, cfg, info)
+    ensure_location_prior(unwrap(model), cfg, info)
     return TrainingRun(
-        wrap_ddp(model, cfg, info),
+        model,
         optimizer,
         scaler,
         checkpointer,

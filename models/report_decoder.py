@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from transformers import AutoModelForCausalLM, DynamicCache, GPT2Config, GPT2LMHeadModel
+from transformers.pytorch_utils import Conv1D
 
 IGNORE = -100
 LAYOUTS = ("official", "project")
@@ -112,9 +113,11 @@ def lora_targets(lm: nn.Module, target_modules) -> list[str]:
 def apply_lora(lm: nn.Module, r: int, alpha: int, dropout: float, target_modules) -> nn.Module:
     """Wrap ``lm`` with peft LoRA adapters on ``target_modules`` (``[auto]``: the family's
     defaults, ``lora_targets``); only the adapters train (peft freezes the base model)."""
-    config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=lora_targets(lm, target_modules)
-    )
+    targets = lora_targets(lm, target_modules)
+    conv1d = any(isinstance(m, Conv1D) and n.rsplit(".", 1)[-1] in targets
+                 for n, m in lm.named_modules())  # GPT-2 stores its linear layers transposed
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                        fan_in_fan_out=conv1d)
     return get_peft_model(lm, config)
 
 

@@ -140,14 +140,22 @@ def test_targets_cover_report_and_end_only(layout):
 
 
 @pytest.mark.parametrize("layout", ["project", "official"])
-def test_loss_equals_unpadded_full_sequence_reference(layout):
+@pytest.mark.parametrize("dropped", [(), (1,)])
+def test_loss_equals_unpadded_full_sequence_reference(layout, dropped):
     """The loss equals, row by row, the cross-entropy read off the LM run over the row alone,
-    unpadded, with logits everywhere: padding, position ids and the target alignment are right."""
+    unpadded, with logits everywhere: padding, position ids and the target alignment are right,
+    also for a row whose prompt is left out (official: the last visual token predicts the first
+    report token)."""
     d = tiny_decoder(layout=layout)
     visual, mask = visual_inputs()
-    loss = d(visual, mask, PROMPTS, REPORTS)
+    rows = [d.prefix_ids(None if i in dropped else p) for i, p in enumerate(d.encode(PROMPTS))]
+    logits, tgt = d.teacher_forced(visual, mask, rows, d.encode(REPORTS))
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tgt.flatten(),
+                                             ignore_index=IGNORE)
+    if not dropped:
+        torch.testing.assert_close(d(visual, mask, PROMPTS, REPORTS), loss)
     total, count = 0.0, 0
-    for i, (p, r) in enumerate(zip(prefixes(d, PROMPTS), d.encode(REPORTS))):
+    for i, (p, r) in enumerate(zip(rows, d.encode(REPORTS))):
         keep = mask[i]
         vis = d.visual_proj(visual[i, keep])
         ids = torch.tensor(p + r)

@@ -13,7 +13,6 @@ loaded from any local Hugging Face tokenizer folder. Nothing is downloaded.
 from __future__ import annotations
 
 import itertools
-import logging
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -31,8 +30,6 @@ from transformers import AutoTokenizer, GPT2TokenizerFast, PreTrainedTokenizerFa
 
 from utils.checkpoint import CheckpointError, pack_files, unpack_files
 from utils.dist import barrier, is_main_process
-
-log = logging.getLogger(__name__)
 
 BERT_SPECIALS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]",
                  "sep_token": "[SEP]", "mask_token": "[MASK]"}
@@ -143,9 +140,11 @@ def _has_tokenizer(folder) -> bool:
     return folder is not None and any((Path(folder) / f).is_file() for f in _TOKENIZER_FILES)
 
 
-def _build_one(name: str, given, model_path, train_fn, texts, vocab_size, save_dir):
+def _build_one(name: str, section: str, given, model_path, train_fn, texts, vocab_size, save_dir):
     """The tokenizer ``name``: from save_dir (a resumed run), from the configured folder
-    (or the pretrained model's folder), else trained; saved into save_dir/name."""
+    (or the pretrained model's folder), else trained; saved into save_dir/name. A pretrained model
+    folder without a tokenizer (and none configured) is an error: a newly trained vocabulary's ids
+    would not match its embeddings."""
     out = Path(save_dir) / name if save_dir is not None else None
     if out is not None and _has_tokenizer(out):
         return load_tokenizer(out)
@@ -153,21 +152,26 @@ def _build_one(name: str, given, model_path, train_fn, texts, vocab_size, save_d
     if src:
         return _save(load_tokenizer(src), out)
     if model_path:
-        log.warning("%s: %s has no tokenizer files; training a new one", name, model_path)
+        raise FileNotFoundError(
+            f"{name}: the model folder {model_path} has no tokenizer files "
+            f"({', '.join(_TOKENIZER_FILES)}); a newly trained one would not match its embeddings. "
+            f"Add the model's tokenizer there or name its folder in model.{section}.tokenizer"
+        )
     return train_fn(texts, vocab_size, out)
 
 
 def build_tokenizers(cfg, train_reports, save_dir=None):
     """(text_tokenizer, decoder_tokenizer) for ``cfg``: local folders from cfg.model.text.tokenizer
-    / cfg.model.decoder.tokenizer (or the tokenizer inside cfg.model.*.path), else trained on
-    ``train_reports``. With ``save_dir`` both are saved to save_dir/{text,decoder}_tokenizer and
-    reloaded from there on the next call (resume, other ranks after a barrier)."""
+    / cfg.model.decoder.tokenizer (or the tokenizer inside cfg.model.*.path, an error when that
+    folder has none), else trained on ``train_reports``. With ``save_dir`` both are saved to
+    save_dir/{text,decoder}_tokenizer and reloaded from there on the next call (resume, other ranks
+    after a barrier)."""
     texts = list(train_reports)
     m = cfg.model
-    text_tok = _build_one("text_tokenizer", m.text.tokenizer, m.text.path, train_wordpiece,
+    text_tok = _build_one("text_tokenizer", "text", m.text.tokenizer, m.text.path, train_wordpiece,
                           texts, m.text.vocab_size, save_dir)
-    dec_tok = _build_one("decoder_tokenizer", m.decoder.tokenizer, m.decoder.path, train_bpe,
-                         texts, m.decoder.vocab_size, save_dir)
+    dec_tok = _build_one("decoder_tokenizer", "decoder", m.decoder.tokenizer, m.decoder.path,
+                         train_bpe, texts, m.decoder.vocab_size, save_dir)
     return text_tok, dec_tok
 
 

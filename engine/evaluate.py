@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from datasets.loaders import empty_on_any_rank, skipped_counts, to_device
-from engine.optim import autocast, resolve_amp
+from engine.optim import autocast, full_parameters, resolve_amp
 from engine.overlays import write_overlay_batch
 from metrics.clinical import format_table, labeler_from_config
 from metrics.reports import flat_scores, score_records
@@ -160,23 +160,24 @@ def generate_and_score(model, loader, device, cfg, out_dir, tb=None, epoch=None,
     grounder = SyntheticGrounder(net, cfg, split or prefix)
     num_visualize = cfg.eval.num_visualize if num_visualize is None else num_visualize
     rows, visuals = [], []
-    for batch in loader:
-        if batch is None:  # every sample unreadable (data.skip_bad)
-            continue
-        batch = to_device(batch, device)
-        with autocast(device, dtype):
-            outs = net.generate(batch, **decoding_options(cfg.eval))
-        want_vis = is_main_process() and len(visuals) < num_visualize
-        ground = [{}] * len(outs)
-        if grounder.records or want_vis:
+    with full_parameters(model):  # FSDP: whole weights, no collective per generated token
+        for batch in loader:
+            if batch is None:  # every sample unreadable (data.skip_bad)
+                continue
+            batch = to_device(batch, device)
             with autocast(device, dtype):
-                heat = net.heatmaps(batch["image"]).float()
-            ground = grounder(heat, [o["id"] for o in outs], batch["image"].shape[-2:])
-        for j, (o, i) in enumerate(zip(outs, batch["index"].tolist())):
-            rows.append({"index": i, "id": o["id"], "generated": o["report"], "reference": batch["report"][j],
-                         "entities": list(o["entities"]), "anatomies": list(o["anatomies"]), **ground[j]})
-            if want_vis and len(visuals) < num_visualize:
-                visuals.append((batch["image"][j].float().cpu(), heat[j].cpu(), rows[-1]))
+                outs = net.generate(batch, **decoding_options(cfg.eval))
+            want_vis = is_main_process() and len(visuals) < num_visualize
+            ground = [{}] * len(outs)
+            if grounder.records or want_vis:
+                with autocast(device, dtype):
+                    heat = net.heatmaps(batch["image"]).float()
+                ground = grounder(heat, [o["id"] for o in outs], batch["image"].shape[-2:])
+            for j, (o, i) in enumerate(zip(outs, batch["index"].tolist())):
+                rows.append({"index": i, "id": o["id"], "generated": o["report"], "reference": batch["report"][j],
+                             "entities": list(o["entities"]), "anatomies": list(o["anatomies"]), **ground[j]})
+                if want_vis and len(visuals) < num_visualize:
+                    visuals.append((batch["image"][j].float().cpu(), heat[j].cpu(), rows[-1]))
 
     gathered = gather_objects(rows)
     skipped = skipped_counts(getattr(loader, "dataset", None), device)

@@ -15,7 +15,7 @@ from torch import nn
 from datasets.cxr import build_dataset
 from datasets.loaders import eval_loader, subset_loader, train_loader
 from datasets.tokenizer import TOKENIZER_DIRS, run_tokenizers, tokenizer_files
-from engine.optim import build_optimizer, wrap_ddp
+from engine.optim import build_optimizer, wrap_model
 from models.ssacl import SSACL
 from utils.checkpoint import (
     Checkpointer,
@@ -23,6 +23,7 @@ from utils.checkpoint import (
     find_resume,
     load_partial,
     read_checkpoint,
+    unwrap,
 )
 from utils.config import add_config_args, load_config, save_config
 from utils.dist import DistInfo, barrier, init_distributed, is_main_process
@@ -85,7 +86,7 @@ def setup_run(cfg, log: bool = True) -> tuple[DistInfo, Path, TBWriter]:
 
 @dataclass
 class TrainingRun:
-    model: nn.Module  # wrapped in DDP when distributed
+    model: nn.Module  # wrapped in DDP (or sharded by FSDP) when distributed
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     checkpointer: Checkpointer
@@ -98,8 +99,8 @@ class TrainingRun:
 def prepare_training(cfg, info: DistInfo, run_dir: Path) -> TrainingRun:
     """Datasets, the checkpoint to resume (``train.resume``), tokenizers (datasets.tokenizer.
     run_tokenizers: the resumed or ``train.pretrained`` checkpoint's), the model (its weights from
-    ``train.pretrained``, partially), optimizer, checkpointer (resumed), the location prior when
-    the model needs one, DDP and the loaders."""
+    ``train.pretrained``, partially), DDP or FSDP (``train.fsdp``), optimizer, checkpointer
+    (resumed), the location prior when the model needs one, and the loaders."""
     train_set = build_dataset(cfg, "train", train=True)
     val_set = build_dataset(cfg, "val", train=False)
     print(f"train: {len(train_set)} samples  val: {len(val_set)} samples")
@@ -120,15 +121,16 @@ def prepare_training(cfg, info: DistInfo, run_dir: Path) -> TrainingRun:
         model.entity_head.set_prevalence(train_set.labels, train_set.anatomies, cfg.model.entity.max_pos_weight)
     model.to(info.device)
     print(f"model: {count_parameters(model)}; losses {model.weights}")
-    optimizer, scaler = build_optimizer(cfg, model, info)
+    # DDP or FSDP first: FSDP replaces the parameters the optimizer holds and a resume loads
+    model = wrap_model(model, cfg, info)
+    optimizer, scaler = build_optimizer(cfg, unwrap(model), info)
     extra = {"tokenizers": dict(TOKENIZER_DIRS), "tokenizer_files": tokenizer_files(run_dir)}
     checkpointer = Checkpointer(run_dir, cfg, model, optimizer, scaler, extra)
     start_epoch, start_step = checkpointer.resume(resumed)
     del resumed
-    ensure_location_prior(model, cfg, info)
-    return TrainingRun(wrap_ddp(model, cfg, info), optimizer, scaler, checkpointer,
-                       train_loader(train_set, cfg, info), eval_loader(val_set, cfg, info),
-                       start_epoch, start_step)
+    ensure_location_prior(unwrap(model), cfg, info)
+    return TrainingRun(model, optimizer, scaler, checkpointer, train_loader(train_set, cfg, info),
+                       eval_loader(val_set, cfg, info), start_epoch, start_step)
 
 
 def ensure_location_prior(model: SSACL, cfg, info: DistInfo) -> None:

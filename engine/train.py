@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from datasets.loaders import empty_on_any_rank, skipped_counts, to_device
-from engine.optim import autocast, resolve_amp
+from engine.optim import autocast, clip_grad_norm, resolve_amp
 from utils import lr_sched
 from utils.dist import all_reduce_sum, get_rank, get_world_size, is_main_process
 from utils.logging import MetricLogger, SmoothedValue
@@ -120,7 +120,7 @@ def optimizer_step(optimizer, scaler, params, clip: float, group: AccumulationGr
         ] or "on another rank"
         return result
     scaler.unscale_(optimizer)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+    grad_norm = float(clip_grad_norm(params, clip))
     if not math.isfinite(grad_norm) and not scaler.is_enabled():
         optimizer.zero_grad(set_to_none=True)
         result.skipped, result.bad_ids = "non-finite gradient norm", "all"

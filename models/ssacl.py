@@ -315,8 +315,11 @@ class SSACL(nn.Module):
         if "lm" in enabled:
             shown = EntityHead.leaves_shown(finding_leaves)
             patches = self.lm_patches(unmasked["patches"])
-            visual, visual_mask = visual_prefix(leaf_tokens, unmasked["cls"], patches, shown)
-            losses["lm"] = self.report_decoder(visual, visual_mask, prompts, batch["report"])
+            visual, visual_mask = visual_prefix(leaf_tokens, unmasked["cls"], patches, shown,
+                                                cls_visible=self.report_decoder.cls_visible)
+            keys = batch.get("noise_key")  # the prompt dropout's draw per sample, as the masking's
+            draws = sample_noise(keys, 1, stream=1)[:, 0] if keys is not None else None
+            losses["lm"] = self.report_decoder(visual, visual_mask, prompts, batch["report"], draws)
         total = images.new_zeros((), dtype=torch.float32)
         losses["loss"] = sum((w * losses[k].float() for k, w in self.weights.items()), total)
         return losses
@@ -342,7 +345,8 @@ class SSACL(nn.Module):
         else:
             entities = [[] for _ in range(B)]
             shown = torch.ones(B, self.graph.num_leaves, dtype=torch.bool, device=images.device)
-        visual, visual_mask = visual_prefix(out["queries"], out["cls"], self.lm_patches(out["patches"]), shown)
+        visual, visual_mask = visual_prefix(out["queries"], out["cls"], self.lm_patches(out["patches"]), shown,
+                                            cls_visible=self.report_decoder.cls_visible)
         prompts = [format_prompt(e) for e in entities]
         reports = self.report_decoder.generate(visual, visual_mask, prompts, **decoding)
         return [{"id": i, "report": r, "entities": e,

@@ -241,7 +241,7 @@ def test_generate_uses_the_head_predictions():
     assert torch.allclose(rec.visual, torch.cat([u["queries"], u["cls"][:, None], u["patches"]], 1))
     expected_mask = torch.zeros(2, 25 + 1 + 16, dtype=torch.bool)
     expected_mask[:, [0, 7]] = True
-    expected_mask[:, 25:] = True
+    expected_mask[:, 26:] = True  # the patches; CLS is masked (model.decoder.cls_visible: false)
     assert torch.equal(rec.mask, expected_mask)
     assert rows[1] == {"id": "b", "report": "report 1", "entities": ["Cardiomegaly"],
                        "anatomies": [GRAPH.leaf_names[0], GRAPH.leaf_names[7]]}
@@ -275,6 +275,7 @@ def test_ssacl_generate_ignores_reference_report_labels_and_anatomies():
     u = model.vit(images, model.leaf_queries(), return_attn=True)
     visual = torch.cat([u["queries"], u["cls"][:, None], u["patches"]], 1)
     rest = torch.ones(B, visual.shape[1] - 25, dtype=torch.bool)
+    rest[:, 0] = model.report_decoder.cls_visible  # CLS
     prompts = [format_prompt(o["entities"]) for o in out]
     pred_mask = torch.stack([GRAPH.leaf_mask(o["anatomies"]) for o in out])
     same = model.report_decoder.generate(visual, torch.cat([pred_mask, rest], 1), prompts, **kw)

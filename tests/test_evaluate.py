@@ -98,6 +98,7 @@ class Oracle(nn.Module):
         min_new_tokens=0,
         repetition_penalty=1.0,
         length_penalty=1.0,
+        no_repeat_ngram_size=0,
     ):
         self.current_ids = list(batch["id"])
         reports = batch["report"] if self.perfect else ["the heart is normal ."] * len(batch["id"])

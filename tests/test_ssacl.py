@@ -156,7 +156,13 @@ def test_teacher_forcing_prompt_and_visual_mask(tokenizers, batch, monkeypatch):
     assert seen["visual"].shape == (B, 25 + 1 + 16, 32)
     # a normal study: every leaf
     shown = batch["anatomies"] | ~batch["anatomies"].any(-1, keepdim=True)
-    assert torch.equal(seen["mask"][:, :25], shown) and seen["mask"][:, 25:].all()
+    assert torch.equal(seen["mask"][:, :25], shown) and seen["mask"][:, 26:].all()
+    assert not seen["mask"][:, 25].any()  # CLS: masked in the official form
+    visible = build(tokenizers, overrides=["model.decoder.cls_visible=true"], mae=0, con=0,
+                    region=0, aca=0, entity=0)
+    monkeypatch.setattr(visible.report_decoder, "forward", spy)
+    visible(batch)
+    assert seen["mask"][:, 25:].all()
     assert seen["reports"] == batch["report"]
     lab = batch["labels"]
     assert lab[:, CHEXPERT_OBSERVATIONS.index("Cardiomegaly")].any()

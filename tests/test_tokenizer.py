@@ -173,3 +173,27 @@ def test_run_tokenizers_take_the_resumed_then_the_pretrained_checkpoints(tmp_pat
     vocab = got["text"]["tokenizer.json"]
     assert vocab == named["text"]["tokenizer.json"]
     assert vocab != stored["extra"]["tokenizer_files"]["text"]["tokenizer.json"]
+
+
+def test_model_folder_without_tokenizer_is_an_error_naming_it(tmp_path):
+    """A pretrained LM's ids must be its own tokenizer's: a folder without one is not silently given
+    a newly trained vocabulary; naming a tokenizer folder resolves it."""
+    lm = tmp_path / "gpt2"
+    lm.mkdir()
+    (lm / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    cfg = load_config(overrides=["model.text.vocab_size=150", "model.decoder.vocab_size=260",
+                                 f"model.decoder.path={lm}"])
+    with pytest.raises(FileNotFoundError, match="model.decoder.tokenizer") as e:
+        build_tokenizers(cfg, REPORTS, tmp_path / "run")
+    assert str(lm) in str(e.value)
+    train_bpe(REPORTS, 280, tmp_path / "gpt2_tokenizer")
+    cfg.model.decoder.tokenizer = str(tmp_path / "gpt2_tokenizer")
+    _, dec = build_tokenizers(cfg, REPORTS, tmp_path / "run")
+    assert len(dec) == 280
+    # a folder with its tokenizer needs nothing else
+    train_bpe(REPORTS, 270, lm)
+    cfg.model.decoder.tokenizer = None
+    assert len(build_tokenizers(cfg, REPORTS, tmp_path / "run2")[1]) == 270
+    cfg = load_config(overrides=["model.text.vocab_size=150", f"model.text.path={tmp_path / 'run'}"])
+    with pytest.raises(FileNotFoundError, match="model.text.tokenizer"):
+        build_tokenizers(cfg, REPORTS, None)

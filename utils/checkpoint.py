@@ -10,6 +10,11 @@ Files hold only tensors and plain containers (the config as a dict, RNG states a
 and lists, stored files as str or uint8 tensors) so that they load with
 ``torch.load(weights_only=True)``. Only rank 0 writes; a write goes to a temporary file renamed into
 place, and temporaries left by an interrupted process are removed when the next run starts.
+
+An FSDP-sharded model (train.fsdp) is saved as a full state dict gathered to rank 0 (the same keys
+as the plain model's: such a checkpoint evaluates and resumes without FSDP too), its optimizer state
+keyed by parameter name (torch.distributed.checkpoint's full optimizer state dict); gathering is a
+collective, so every rank calls ``save_checkpoint``. Loading shards the full state on every rank.
 """
 from __future__ import annotations
 
@@ -24,6 +29,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import FSDPModule
 
 from utils.dist import get_rank, get_world_size, is_main_process
 
@@ -44,6 +57,18 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    """True when (the bare) ``model`` holds FSDP-sharded modules."""
+    return any(isinstance(m, FSDPModule) for m in unwrap(model).modules())
+
+
+def _by_name(optimizer_state: dict) -> bool:
+    """An optimizer state dict keyed by parameter name (torch.distributed.checkpoint's) rather than
+    by position (``optimizer.state_dict()``)."""
+    groups = optimizer_state.get("param_groups") or [{"params": []}]
+    return any(isinstance(p, str) for g in groups for p in g["params"])
 
 
 def rng_state() -> dict:
@@ -154,15 +179,25 @@ def unpack_files(files: dict, folder) -> Path:
 def save_checkpoint(path, *, model, optimizer=None, scaler=None, epoch: int, step: int, cfg,
                     extra: dict | None = None) -> Path | None:
     """Save model (unwrapped), optimizer, grad scaler, epoch, global step, config and RNG states.
-    Does nothing on ranks other than 0 (no collective inside: safe to call on rank 0 only).
-    ``extra`` must hold only tensors / numbers / strings / containers of them."""
+    Writes on rank 0 only. Without FSDP there is no collective inside (safe to call on rank 0
+    only); an FSDP model's state is gathered first, so every rank must call it. ``extra`` must
+    hold only tensors / numbers / strings / containers of them."""
+    optim_state = None
+    if is_fsdp(model):
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # {} on ranks > 0
+        model_state = get_model_state_dict(unwrap(model), options=full)
+        if optimizer is not None:
+            optim_state = get_optimizer_state_dict(unwrap(model), optimizer, options=full)
     if not is_main_process():
         return None
-    state = {"model": unwrap(model).state_dict(), "epoch": int(epoch), "step": int(step),
+    if not is_fsdp(model):
+        model_state = unwrap(model).state_dict()
+        optim_state = optimizer.state_dict() if optimizer is not None else None
+    state = {"model": model_state, "epoch": int(epoch), "step": int(step),
              "config": cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg or {}),
              "rng": rng_state(), "world_size": get_world_size()}
-    if optimizer is not None:
-        state["optimizer"] = optimizer.state_dict()
+    if optim_state is not None:
+        state["optimizer"] = optim_state
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
     if extra:
@@ -175,16 +210,28 @@ def save_checkpoint(path, *, model, optimizer=None, scaler=None, epoch: int, ste
 def load_checkpoint(path, model, optimizer=None, scaler=None, restore_rng: bool = True) -> dict:
     """Load a checkpoint written by save_checkpoint (strictly) and return its dict (epoch, step,
     config, extra ...); see ``restore``."""
-    return restore(read_checkpoint(path), model, optimizer, scaler, restore_rng)
+    return restore(read_checkpoint(path), model, optimizer, scaler, restore_rng, path)
 
 
-def restore(ckpt: dict, model, optimizer=None, scaler=None, restore_rng: bool = True) -> dict:
-    """Put a checkpoint dict's state into model (strictly), optimizer and scaler. RNG states are
-    restored; with several ranks each rank is then reseeded from the restored state plus its rank,
-    so ranks differ and a resume is reproducible. Returns ``ckpt``."""
-    unwrap(model).load_state_dict(ckpt["model"])
+def restore(ckpt: dict, model, optimizer=None, scaler=None, restore_rng: bool = True, path="") -> dict:
+    """Put a checkpoint dict's state into model (strictly), optimizer and scaler. An FSDP model takes
+    the full state on every rank and keeps its shard; an optimizer state keyed by parameter name
+    (written under FSDP) loads into FSDP and plain runs alike, one keyed by position only into a
+    plain run. RNG states are restored; with several ranks each rank is then reseeded from the
+    restored state plus its rank, so ranks differ and a resume is reproducible. Returns ``ckpt``."""
+    bare, full = unwrap(model), StateDictOptions(full_state_dict=True)
+    if is_fsdp(model):
+        set_model_state_dict(bare, ckpt["model"], options=full)
+    else:
+        bare.load_state_dict(ckpt["model"])
     if optimizer is not None and "optimizer" in ckpt:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if _by_name(ckpt["optimizer"]):
+            set_optimizer_state_dict(bare, optimizer, ckpt["optimizer"], options=full)
+        elif is_fsdp(model):
+            raise ValueError(f"{path}: its optimizer state was written without FSDP (keyed by "
+                             f"position); resume it with train.fsdp: false")
+        else:
+            optimizer.load_state_dict(ckpt["optimizer"])
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     if restore_rng and "rng" in ckpt:

@@ -48,7 +48,7 @@ def test_train_fields_positive(result):
     assert t["mfu"] is None and t["peak_tflops"] is None  # CPU: peak unknown
     assert "ru_maxrss" in t["memory"]
     # every pretraining loss of the demo config ran in the timed step
-    assert set(result["losses"]) == {"mae", "con", "region", "aca", "entity", "lm", "rest"}
+    assert set(result["losses"]) == {"mae", "con", "region", "aca", "entity", "lm"}  # location prior off
     assert result["query_tokens"] == 32  # all graph nodes (region reconstruction on)
 
 

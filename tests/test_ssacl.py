@@ -147,7 +147,7 @@ def test_teacher_forcing_prompt_and_visual_mask(tokenizers, batch, monkeypatch):
     model = build(tokenizers, mae=0, con=0, region=0, aca=0, entity=0)
     seen = {}
 
-    def spy(visual, visual_mask, prompts, reports):
+    def spy(visual, visual_mask, prompts, reports, draws=None):
         seen.update(visual=visual, mask=visual_mask, prompts=prompts, reports=reports)
         return visual.float().pow(2).mean()
     monkeypatch.setattr(model.report_decoder, "forward", spy)

@@ -74,7 +74,7 @@ def write_config(
         },
         "model": TINY_MODEL,
         "train": {"print_freq": 5},
-        "eval": {"beam_size": 1, "max_new_tokens": 12, "num_visualize": 2},
+        "eval": {"beam_size": 1, "max_new_tokens": 12, "min_new_tokens": 0, "num_visualize": 2},
     }
     for key, value in sections.items():
         if isinstance(value, dict):

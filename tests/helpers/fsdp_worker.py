@@ -53,7 +53,7 @@ def main():
     for epoch in range(run.start_epoch, args.until):
         stats = train_one_epoch(run.model, run.train_loader, run.optimizer, run.scaler, epoch, cfg,
                                 info.device, on_step=run.checkpointer.on_step)
-        run.checkpointer.end_epoch(epoch, stats["global_step"], {})
+        run.checkpointer.end_epoch(epoch, stats["global_step"])
         if is_main_process():
             ckpt = torch.load(run_dir / "checkpoint-last.pth", map_location="cpu",
                               weights_only=True)

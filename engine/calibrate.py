@@ -18,7 +18,7 @@ def calibrate_entity_thresholds(model, loader, device, amp="fp32") -> dict[str, 
     """Set the entity head's thresholds from ``loader`` (sharded over ranks, gathered on rank 0,
     broadcast). Returns the mean observation and leaf thresholds ({} without an entity head)."""
     net = unwrap(model)
-    if net.entity_head is None:
+    if not net.predicts_entities:
         return {}
     net.eval()
     dtype = resolve_amp(amp, device)
@@ -36,9 +36,9 @@ def calibrate_entity_thresholds(model, loader, device, amp="fp32") -> dict[str, 
     if is_main_process():
         unique = list({r[0]: r for part in gathered for r in part}.values())  # padded shards repeat
         obs, anat, labels, anatomies = (torch.stack([r[k] for r in unique]) for k in (1, 2, 3, 4))
-        default = float(net.entity_head.obs_threshold.mean())
+        default = float(net.entity_thresholds()[0].mean())
         thresholds = (best_f1_thresholds(obs, labels, default=default),
                       best_f1_thresholds(anat, anatomies, default=default))
     obs_t, anat_t = broadcast_object(thresholds)
-    net.entity_head.set_thresholds(obs_t.to(device), anat_t.to(device))
+    net.set_entity_thresholds(obs_t.to(device), anat_t.to(device))
     return {"threshold_obs_mean": float(obs_t.mean()), "threshold_anat_mean": float(anat_t.mean())}

@@ -117,8 +117,8 @@ def prepare_training(cfg, info: DistInfo, run_dir: Path) -> TrainingRun:
     if pre:
         load_pretrained(model, *pre, allow_partial=cfg.train.allow_partial)
     del pre
-    if model.entity_head is not None:  # positive weights of the imbalanced targets
-        model.entity_head.set_prevalence(train_set.labels, train_set.anatomies, cfg.model.entity.max_pos_weight)
+    if model.predicts_entities:  # positive weights of the imbalanced targets
+        model.set_label_prevalence(train_set.labels, train_set.anatomies, cfg.model.entity.max_pos_weight)
     model.to(info.device)
     print(f"model: {count_parameters(model)}; losses {model.weights}")
     # DDP or FSDP first: FSDP replaces the parameters the optimizer holds and a resume loads

@@ -353,6 +353,22 @@ class SSACL(nn.Module):
                  "anatomies": [n for n, on in zip(self.leaf_names, leaves) if on]}
                 for i, r, e, leaves in zip(batch["id"], reports, entities, shown.tolist())]
 
+    @property
+    def predicts_entities(self) -> bool:
+        """True when the entity head is built (loss.entity > 0): it predicts the test-time prompt."""
+        return self.entity_head is not None
+
+    def set_label_prevalence(self, labels: torch.Tensor, anatomies: torch.Tensor, max_weight: float) -> None:
+        """The entity head's positive weights from the training targets (models/entity_head.py)."""
+        self.entity_head.set_prevalence(labels, anatomies, max_weight)
+
+    def entity_thresholds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The entity head's decision thresholds: observations [14], leaves [K]."""
+        return self.entity_head.obs_threshold, self.entity_head.anat_threshold
+
+    def set_entity_thresholds(self, obs: torch.Tensor, anat: torch.Tensor) -> None:
+        self.entity_head.set_thresholds(obs, anat)
+
     @torch.no_grad()
     def entity_probabilities(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The entity head's probabilities from the images: observations [B, 14], leaves [B, K]."""

@@ -4,9 +4,14 @@ import builtins
 import sys
 
 import pytest
+import torch
 
-from engine.setup import load_run_config, parser, setup_run
+from datasets.tokenizer import train_bpe, train_wordpiece
+from engine.setup import load_pretrained, load_run_config, parser, setup_run
+from models.ssacl import SSACL
 from tests.helpers import TORCHRUN_ENV
+from utils.config import load_config
+from vocab.anatomy_graph import AnatomyGraph
 
 
 def test_shorthands_set_their_keys():
@@ -39,3 +44,20 @@ def test_setup_run_makes_the_run_folder_and_logs_into_it(tmp_path, monkeypatch, 
 def test_unknown_key_in_a_shorthand_run_is_an_error():
     with pytest.raises(ValueError, match="optim.epoch"):
         load_run_config(parser("t").parse_args(["--set", "optim.epoch=3"]))
+
+
+def test_a_partial_pretrained_load_is_an_error_unless_allowed(tmp_path):
+    texts = ["the heart is normal .", "small left pleural effusion .", "Findings: none."] * 5
+    toks = (train_wordpiece(texts + list(AnatomyGraph.default().leaf_names), 200), train_bpe(texts, 300))
+    tiny = ["data.image_size=32", "model.vit.patch_size=8", "model.vit.embed_dim=32", "model.vit.depth=1",
+            "model.vit.num_heads=2", "model.text.hidden_size=32", "model.text.num_layers=1",
+            "model.text.num_heads=2", "model.text.intermediate_size=64", "model.mae.decoder_dim=32",
+            "model.mae.decoder_heads=2", "model.decoder.n_embd=32", "model.decoder.n_layer=1",
+            "model.decoder.n_head=2"]
+    source = SSACL.from_config(load_config(overrides=tiny + ["loss.entity.weight=0"]), *toks)
+    checkpoint = {"model": source.state_dict()}
+    target = SSACL.from_config(load_config(overrides=tiny), *toks)  # has an entity head
+    with pytest.raises(ValueError, match=r"does not fill this model.*entity_head"):
+        load_pretrained(target, tmp_path / "src.pth", checkpoint)
+    load_pretrained(target, tmp_path / "src.pth", checkpoint, allow_partial=True)
+    torch.testing.assert_close(target.query_proj.weight, source.query_proj.weight)

@@ -306,3 +306,44 @@ def test_from_checkpoint_takes_the_stored_tokenizers_and_names_a_bad_file(tokeni
     with pytest.raises(CheckpointError, match=f"--checkpoint: {tmp_path / 'notes.pth'} is not a "
                                               "readable PyTorch checkpoint"):
         SSACL.from_checkpoint(tmp_path / "notes.pth", load_config(), "cpu")
+
+
+@pytest.mark.parametrize("size", [224, 384, 512])
+def test_any_resolution_trains_and_generates_with_a_bounded_prefix(tokenizers, size):
+    """224, 384 and 512 px: a training step and generation, the LM reading the patches pooled to
+    4 x 4 (model.decoder.prefix_grid) whatever the grid."""
+    sets = [f"data.image_size={size}", "model.vit.patch_size=16", "model.decoder.prefix_grid=4",
+            "model.decoder.n_positions=128"]
+    model = build(tokenizers, overrides=sets)
+    b = make_batch(n=2, size=size)
+    out = model(b)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and model.vit.num_patches == (size // 16) ** 2
+    seen = {}
+    generate = model.report_decoder.generate
+
+    def spy(visual, visual_mask, prompts, **kw):
+        seen["visual"] = visual
+        return generate(visual, visual_mask, prompts, **kw)
+
+    model.report_decoder.generate = spy
+    rows = model.eval().generate({"image": b["image"], "id": ["a", "b"]}, beam_size=1, max_new_tokens=3,
+                                 min_new_tokens=0)
+    assert len(rows) == 2 and seen["visual"].shape[1] == 25 + 1 + 16  # leaves, CLS, 4 x 4 pooled patches
+
+
+def test_a_checkpoint_of_another_resolution_loads_with_its_grid_weights_resized(tokenizers, tmp_path):
+    small = build(tokenizers, overrides=["data.image_size=32", "model.location_prior.enabled=true",
+                                         "model.spatial_prior=true"])
+    with torch.no_grad():
+        small.contrastive.pos_weight.weight.copy_(torch.arange(16.0)[None])
+        small.location_prior.copy_(torch.softmax(torch.randn(25, 16), -1))
+    large = build(tokenizers, overrides=["data.image_size=64", "model.location_prior.enabled=true",
+                                         "model.spatial_prior=true"])
+    state = large.adapt_state_dict(small.state_dict())
+    assert state["contrastive.pos_weight.weight"].shape == (1, 64)
+    torch.testing.assert_close(state["location_prior"].sum(-1), torch.ones(25))
+    large.load_state_dict(state)  # strictly: every grid-shaped entry now fits
+    # the resized position weight keeps the layout: the corner patches keep the extreme values
+    w = state["contrastive.pos_weight.weight"].view(8, 8)
+    assert w[0, 0] < w[0, -1] < w[-1, 0] < w[-1, -1]

@@ -50,15 +50,19 @@ class SSACL(nn.Module):
                  weights: dict[str, float], mask_ratio: float = 0.5, threshold: float = 0.5,
                  modules: dict[str, nn.Module] | None = None, temperature: float | None = None,
                  leaf_query_embed: bool = False, spatial_prior: bool = False,
-                 location_prior: bool = False, location_prior_gain: float = 1.0, prefix_grid: int = 0):
+                 location_prior: bool = False, location_prior_gain: float = 1.0, prefix_grid: int = 0,
+                 evidence_inputs: tuple[str, ...] = ()):
         """``modules``: the loss modules by name ("mae_decoder", "contrastive", "region", "aca",
         "entity_head", "report_decoder"), those of disabled losses absent; ``temperature``: T of
         the shared scale Tpar = 1/T (learnable) that the official contrastive and ACA forms use;
         ``prefix_grid`` g > 0: the LM reads the patch tokens average-pooled to g x g (a prefix of
-        bounded length at any resolution), 0: every patch."""
+        bounded length at any resolution), 0: every patch; ``evidence_inputs``: the losses ("aca",
+        "region") that read the queries' evidence (their last-layer attention readout of the patch
+        tokens) instead of their output tokens (loss.<term>.input)."""
         super().__init__()
         self.vit, self.text_encoder, self.graph = vit, text_encoder, graph
         self.mask_ratio, self.threshold, self.prefix_grid = mask_ratio, threshold, prefix_grid
+        self.evidence_inputs = set(evidence_inputs)
         modules = modules or {}
         self.mae_decoder = modules.get("mae_decoder")
         self.contrastive, self.region = modules.get("contrastive"), modules.get("region")
@@ -139,7 +143,8 @@ class SSACL(nn.Module):
                    temperature=al.temperature if official["con"] or official["aca"] else None,
                    leaf_query_embed=m.leaf_query_embed, spatial_prior=m.spatial_prior,
                    location_prior=m.location_prior.enabled, location_prior_gain=m.location_prior.gain,
-                   prefix_grid=m.decoder.prefix_grid)
+                   prefix_grid=m.decoder.prefix_grid,
+                   evidence_inputs=tuple(k for k in ("aca", "region") if loss[k].input == "evidence"))
 
     @classmethod
     def from_checkpoint(cls, path, cfg, device) -> SSACL:
@@ -257,6 +262,13 @@ class SSACL(nn.Module):
         grid = patches.transpose(1, 2).reshape(patches.shape[0], -1, h, w)
         return F.adaptive_avg_pool2d(grid, g).flatten(2).transpose(1, 2)
 
+    def _query_outputs(self, encoded: dict, loss: str) -> torch.Tensor:
+        """What ``loss`` reads of the queries [B, Q, D]: their output tokens, or (``loss`` in
+        evidence_inputs) their evidence, the last-layer attention readout of the patch tokens."""
+        if loss in self.evidence_inputs:
+            return encoded["attn"].to(encoded["patches"].dtype) @ encoded["patches"]
+        return encoded["queries"]
+
     def _finding_leaves(self, batch, batch_size: int, device) -> torch.Tensor:
         """[B, K] bool: the leaves of each report's findings (all False for a normal study)."""
         anatomies = batch.get("anatomies")
@@ -281,7 +293,7 @@ class SSACL(nn.Module):
         losses: dict[str, torch.Tensor] = {}
 
         if enabled & UNMASKED_LOSSES:
-            with_attn = bool(enabled & ATTENTION_LOSSES)
+            with_attn = bool(enabled & (ATTENTION_LOSSES | self.evidence_inputs))
             unmasked = self.vit(inputs, queries, return_attn=with_attn, query_bias=bias)
             leaf_tokens, leaf_attn = unmasked["queries"], unmasked.get("attn")  # [B, K, D], [B, K, L]
             if all_nodes:
@@ -290,7 +302,8 @@ class SSACL(nn.Module):
         if enabled & MASKED_LOSSES:  # masking noise per sample when the engine gives its keys
             keys = batch.get("noise_key")
             noise = sample_noise(keys, self.vit.num_patches) if keys is not None else None
-            masked = self.vit(inputs, queries, mask_ratio=self.mask_ratio, query_bias=bias, noise=noise)
+            masked = self.vit(inputs, queries, mask_ratio=self.mask_ratio, query_bias=bias, noise=noise,
+                              return_attn="region" in self.evidence_inputs)
         if enabled & REPORT_LOSSES:
             _, report_vectors = self.text_encoder.encode_texts(batch["report"], images.device)
 
@@ -300,12 +313,15 @@ class SSACL(nn.Module):
         if "con" in enabled:
             losses["con"] = self.contrastive(masked["patches"], report_vectors, masked["mask"], self.tpar)
         if "region" in enabled:
+            masked_nodes = self._query_outputs(masked, "region")
+            unmasked_nodes = self._query_outputs(unmasked, "region")
             if isinstance(self.region, PixelRegionReconstruction):
-                losses["region"] = self.region(masked["queries"], unmasked["queries"], self.mae_decoder)
+                losses["region"] = self.region(masked_nodes, unmasked_nodes, self.mae_decoder)
             else:
-                losses["region"] = self.region(masked["queries"], unmasked["queries"].detach())
+                losses["region"] = self.region(masked_nodes, unmasked_nodes.detach())
         if "aca" in enabled:
-            losses["aca"] = self.aca(leaf_tokens, report_vectors.detach(), self.tpar)
+            leaf_outputs = (leaf_attn @ unmasked["patches"] if "aca" in self.evidence_inputs else leaf_tokens)
+            losses["aca"] = self.aca(leaf_outputs, report_vectors.detach(), self.tpar)
         if "entity" in enabled:
             obs, anat = self.entity_head(unmasked["cls"], unmasked["patches"], unmasked["local"],
                                          leaf_attn)

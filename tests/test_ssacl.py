@@ -347,3 +347,27 @@ def test_a_checkpoint_of_another_resolution_loads_with_its_grid_weights_resized(
     # the resized position weight keeps the layout: the corner patches keep the extreme values
     w = state["contrastive.pos_weight.weight"].view(8, 8)
     assert w[0, 0] < w[0, -1] < w[-1, 0] < w[-1, -1]
+
+
+def test_evidence_inputs_read_the_attention_readout_not_the_query_tokens(tokenizers, batch, monkeypatch):
+    """loss.<aca|region>.input=evidence: those losses see what each query takes from the image (its
+    last-layer attention over the patch tokens), so their gradient reaches the attention logits."""
+    model = build(tokenizers, overrides=["loss.aca.input=evidence", "loss.region.input=evidence"],
+                  mae=0, con=0, lm=0, entity=0).eval()  # no dropout: the readout is recomputed below
+    seen = {}
+    aca_forward = model.aca.forward
+
+    def spy(leaf_outputs, text, tpar):
+        seen["aca"] = leaf_outputs
+        return aca_forward(leaf_outputs, text, tpar)
+
+    monkeypatch.setattr(model.aca, "forward", spy)
+    out = model(batch)
+    model.zero_grad()
+    out["aca"].backward()
+    with torch.no_grad():
+        enc = model.vit(batch["image"], model.node_queries(model.leaf_queries()), return_attn=True)
+        evidence = enc["attn"][:, model.leaf_node_index] @ enc["patches"]
+    torch.testing.assert_close(seen["aca"], evidence, atol=1e-5, rtol=1e-4)
+    assert model.vit.blocks[-1].attn.qkv.weight.grad.abs().sum() > 0
+    assert model.evidence_inputs == {"aca", "region"} and torch.isfinite(out["region"])

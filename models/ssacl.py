@@ -264,10 +264,12 @@ class SSACL(nn.Module):
 
     def _query_outputs(self, encoded: dict, loss: str) -> torch.Tensor:
         """What ``loss`` reads of the queries [B, Q, D]: their output tokens, or (``loss`` in
-        evidence_inputs) their evidence, the last-layer attention readout of the patch tokens."""
-        if loss in self.evidence_inputs:
-            return encoded["attn"].to(encoded["patches"].dtype) @ encoded["patches"]
-        return encoded["queries"]
+        evidence_inputs) their evidence: the last-layer attention readout of the patch tokens, centred
+        on the image's mean patch (what a query picks out; 0 for attention spread evenly)."""
+        if loss not in self.evidence_inputs:
+            return encoded["queries"]
+        patches = encoded["patches"]
+        return encoded["attn"].to(patches.dtype) @ (patches - patches.mean(1, keepdim=True))
 
     def _finding_leaves(self, batch, batch_size: int, device) -> torch.Tensor:
         """[B, K] bool: the leaves of each report's findings (all False for a normal study)."""
@@ -320,7 +322,8 @@ class SSACL(nn.Module):
             else:
                 losses["region"] = self.region(masked_nodes, unmasked_nodes.detach())
         if "aca" in enabled:
-            leaf_outputs = (leaf_attn @ unmasked["patches"] if "aca" in self.evidence_inputs else leaf_tokens)
+            leaf_outputs = self._query_outputs(unmasked, "aca")
+            leaf_outputs = leaf_outputs[:, self.leaf_node_index] if all_nodes else leaf_outputs
             losses["aca"] = self.aca(leaf_outputs, report_vectors.detach(), self.tpar)
         if "entity" in enabled:
             obs, anat = self.entity_head(unmasked["cls"], unmasked["patches"], unmasked["local"],

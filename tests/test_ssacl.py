@@ -367,7 +367,8 @@ def test_evidence_inputs_read_the_attention_readout_not_the_query_tokens(tokeniz
     out["aca"].backward()
     with torch.no_grad():
         enc = model.vit(batch["image"], model.node_queries(model.leaf_queries()), return_attn=True)
-        evidence = enc["attn"][:, model.leaf_node_index] @ enc["patches"]
+        patches = enc["patches"] - enc["patches"].mean(1, keepdim=True)  # centred on the mean patch
+        evidence = enc["attn"][:, model.leaf_node_index] @ patches
     torch.testing.assert_close(seen["aca"], evidence, atol=1e-5, rtol=1e-4)
     assert model.vit.blocks[-1].attn.qkv.weight.grad.abs().sum() > 0
     assert model.evidence_inputs == {"aca", "region"} and torch.isfinite(out["region"])

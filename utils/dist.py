@@ -176,5 +176,8 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
+    """Leave the process group once every rank is done with it (a rank tearing gloo down while
+    another still talks to it aborts that one)."""
     if is_dist():
+        dist.barrier()
         dist.destroy_process_group()

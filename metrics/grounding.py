@@ -22,15 +22,18 @@ ignoring nan.
 """
 from __future__ import annotations
 
-import json
 import math
-from collections import OrderedDict
 
 import numpy as np
 from scipy.ndimage import distance_transform_edt
 
+# box geometry and the MS-CXR reader live in datasets (the grounding dataset uses them too)
+from datasets.downstream.boxes import BOX_MODES as BOX_MODES
+from datasets.downstream.boxes import box_to_mask as box_to_mask
+from datasets.downstream.boxes import transform_boxes as transform_boxes
+from datasets.downstream.mscxr import load_ms_cxr as load_ms_cxr
+
 THRESHOLDS = tuple(round(t, 1) for t in np.arange(0.1, 1.0, 0.1))
-BOX_MODES = ("resize", "center_crop", "pad")
 
 
 def _np(x) -> np.ndarray:
@@ -140,101 +143,3 @@ def aggregate(rows: list[dict]) -> dict:
         vals = vals[np.isfinite(vals)]
         out[k] = float(vals.mean()) if vals.size else math.nan
     return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Boxes through the image transform
-# --------------------------------------------------------------------------------------------------
-
-def _size_hw(size) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-
-
-def transform_boxes(boxes_xywh, orig_hw: tuple[int, int], size, mode: str = "resize") -> np.ndarray:
-    """Map [K, 4] boxes (x, y, w, h in original pixels) to [K, 4] (x1, y1, x2, y2) in output pixels.
-
-    ``orig_hw`` = (height, width) of the original image; ``size`` = int or (h, w) of the model
-    input. Modes:
-      resize      - stretch to (h, w): this project's eval transform (datasets/cxr.py, Resize((s, s)));
-      center_crop - torchvision Resize(int) (shorter side -> size, longer side int(size * long / short)),
-                    then CenterCrop(size) (offset int(round((new - size) / 2)));
-      pad         - longer side -> size (shorter side round(size * short / long)), centred zero padding
-                    (offset (size - new) // 2).
-    """
-    if mode not in BOX_MODES:
-        raise ValueError(f"mode must be one of {BOX_MODES}, got {mode!r}")
-    b = np.asarray(boxes_xywh, dtype=np.float64).reshape(-1, 4)
-    H, W = orig_hw
-    oh, ow = _size_hw(size)
-    if mode == "resize":
-        sy, sx, top, left = oh / H, ow / W, 0.0, 0.0
-    elif mode == "center_crop":
-        if oh != ow:
-            raise ValueError("center_crop needs a square size")
-        short, long = min(H, W), max(H, W)
-        new_long = int(oh * long / short)
-        nh, nw = (oh, new_long) if H <= W else (new_long, oh)
-        sy, sx = nh / H, nw / W
-        top, left = -int(round((nh - oh) / 2.0)), -int(round((nw - ow) / 2.0))
-    else:
-        if oh != ow:
-            raise ValueError("pad needs a square size")
-        scale = oh / max(H, W)
-        nh, nw = int(round(H * scale)), int(round(W * scale))
-        sy, sx = nh / H, nw / W
-        top, left = (oh - nh) // 2, (ow - nw) // 2
-    x1, y1 = b[:, 0] * sx + left, b[:, 1] * sy + top
-    x2, y2 = (b[:, 0] + b[:, 2]) * sx + left, (b[:, 1] + b[:, 3]) * sy + top
-    return np.stack([x1, y1, x2, y2], axis=1)
-
-
-def box_to_mask(boxes_xywh, orig_hw: tuple[int, int], size, mode: str = "resize") -> np.ndarray:
-    """Boolean [h, w] mask of the union of the boxes after :func:`transform_boxes`.
-
-    A pixel is inside when its centre is: columns ceil(x1 - 0.5) .. ceil(x2 - 0.5) - 1, clipped to
-    the image.
-    """
-    oh, ow = _size_hw(size)
-    mask = np.zeros((oh, ow), dtype=bool)
-    for x1, y1, x2, y2 in transform_boxes(boxes_xywh, orig_hw, size, mode):
-        c0, c1 = max(0, math.ceil(x1 - 0.5)), min(ow, math.ceil(x2 - 0.5))
-        r0, r1 = max(0, math.ceil(y1 - 0.5)), min(oh, math.ceil(y2 - 0.5))
-        if c1 > c0 and r1 > r0:
-            mask[r0:r1, c0:c1] = True
-    return mask
-
-
-# --------------------------------------------------------------------------------------------------
-# MS-CXR
-# --------------------------------------------------------------------------------------------------
-
-def load_ms_cxr(json_path: str) -> list[dict]:
-    """MS-CXR's COCO-style JSON -> one entry per (image, category, phrase) with its boxes merged.
-
-    Entry: {"image_id", "dicom_id" (file-name stem), "file_name", "path", "width", "height",
-    "category", "label_text", "boxes": [[x, y, w, h], ...]} in the file's order.
-    """
-    with open(json_path) as f:
-        coco = json.load(f)
-    images = {img["id"]: img for img in coco["images"]}
-    cats = {c["id"]: c["name"] for c in coco.get("categories", [])}
-    groups: OrderedDict = OrderedDict()
-    for ann in coco["annotations"]:
-        img = images[ann["image_id"]]
-        cat = cats.get(ann.get("category_id"), ann.get("category_name"))
-        key = (ann["image_id"], cat, ann.get("label_text", ""))
-        if key not in groups:
-            name = img.get("file_name", img.get("path", ""))
-            groups[key] = {
-                "image_id": ann["image_id"],
-                "dicom_id": name.rsplit("/", 1)[-1].rsplit(".", 1)[0],
-                "file_name": name,
-                "path": img.get("path", name),
-                "width": img["width"],
-                "height": img["height"],
-                "category": cat,
-                "label_text": ann.get("label_text", ""),
-                "boxes": [],
-            }
-        groups[key]["boxes"].append([float(v) for v in ann["bbox"]])
-    return list(groups.values())

@@ -3,6 +3,7 @@ scored by the grounding of the leaf queries' heatmaps on the validation split.
 
     python scripts/ablate.py                                         # demo config, its budget
     python scripts/ablate.py --set data.max_samples=6000 --seeds 0,1,2 --single no_aca,no_region
+    python scripts/ablate.py --seeded full,no_region_aca,evidence --single no_aca,no_region,location_prior
     python scripts/ablate.py --split test --seeds 0,1,2              # once, for the final table
 
 Each run is ``main_pretrain.py --config CONFIG`` with the variant's overrides and ``seed``, then
@@ -31,6 +32,7 @@ VARIANTS = {
     "no_aca": ["loss.aca.weight=0"],
     "no_region": ["loss.region.weight=0"],
     "location_prior": ["model.location_prior.enabled=true", "loss.rest.weight=1"],
+    "evidence": ["loss.aca.input=evidence", "loss.region.input=evidence"],
 }
 ROWS = [("finding_pointing_game", "finding-level pointing game"),
         ("finding_cnr", "finding-level CNR (sentence map)"),
@@ -95,13 +97,14 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="output/ablation")
     p.add_argument("--config", default="configs/demo.yaml", help="the pretraining config of every run")
-    p.add_argument("--seeds", default="0,1,2", help="seeds of the full and no_region_aca variants")
+    p.add_argument("--seeds", default="0,1,2", help="seeds of the --seeded variants")
+    p.add_argument("--seeded", default="full,no_region_aca", help="variants run with every seed")
     p.add_argument("--single", default="no_aca,no_region", help="variants run with the first seed only")
     p.add_argument("--split", default="val", choices=("val", "test"))
     p.add_argument("--set", nargs="*", default=[], help="overrides for every run (key=value)")
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    plan = {"full": seeds, "no_region_aca": seeds}
+    plan = {v: seeds for v in args.seeded.split(",") if v}
     plan.update({v: seeds[:1] for v in args.single.split(",") if v})
     unknown = [v for v in plan if v not in VARIANTS]
     if unknown:

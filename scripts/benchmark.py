@@ -632,15 +632,16 @@ def main(argv=None):
             f"(ViT {_fmt_bytes(s['expected_vit_bytes'])}, region decoder {_fmt_bytes(s['expected_region_bytes'])}, "
             f"LM prefix {_fmt_bytes(s['expected_lm_bytes'])}, ACA KxK {_fmt_bytes(s['expected_aca_bytes'])})"
         )
-    report = {
-        "date": datetime.date.today().isoformat(),
-        "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-        "results": results,
-        "graph_scaling": scaling,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    return write_report(args.out, results=results, graph_scaling=scaling)
+
+
+def write_report(out: str, **fields) -> dict:
+    """{date, command, **fields} written as JSON to ``out`` (folders made)."""
+    report = {"date": datetime.date.today().isoformat(),
+              "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), **fields}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
     return report
 
 

@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from scripts.benchmark_downstream import main as bench_downstream
+
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "benchmark.py"
 spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
 benchmark = importlib.util.module_from_spec(spec)
@@ -77,3 +79,16 @@ def test_flops_grow_with_graph_and_peak_table():
     assert small["train"]["flops_per_sample"] > 0
     assert benchmark.peak_flops(torch.device("cpu"), torch.bfloat16) is None
     assert benchmark.PEAK_FLOPS["H100 SXM"]["bf16"] == 989e12
+
+
+def test_downstream_benchmark_times_zeroshot_and_finetuning(tmp_path):
+    out = tmp_path / "bd.json"
+    res = bench_downstream(["--device", "cpu", "--presets", "tiny", "--zs-images", "12",
+                            "--zs-batch-size", "8", "--batch-size", "2", "--iters", "1",
+                            "--out", str(out)])["results"][0]
+    assert res["zeroshot"]["images"] == 12 and res["zeroshot"]["images_per_s"] > 0
+    full, probe = res["classification_full"], res["classification_linear_probe"]
+    assert full["samples_per_s"] > 0 and res["segmentation_full"]["samples_per_s"] > 0
+    # the probe's frozen encoder runs no backward: fewer FLOPs per sample than full fine-tuning
+    assert probe["flops_per_sample"] < full["flops_per_sample"]
+    assert out.is_file()

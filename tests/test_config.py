@@ -231,3 +231,12 @@ def test_rules_relating_keys_are_checked_on_the_merged_config(tmp_path):
     with pytest.raises(ConfigError, match="old.pth: model.vit.embed_dim=100 must be a multiple of "
                                           "model.vit.num_heads=3"):
         with_defaults("model", saved, "old.pth")
+
+
+def test_a_key_null_by_default_can_be_set_back_to_null(tmp_path):
+    run = tmp_path / "run.yaml"
+    run.write_text("train: {pretrained: output/demo/checkpoint-best.pth}\n")
+    assert load_config(run).train.pretrained == "output/demo/checkpoint-best.pth"
+    assert load_config(run, ["train.pretrained=null"]).train.pretrained is None
+    with pytest.raises(ConfigError, match="optim.lr"):  # a key with a value by default is not nullable
+        load_config(run, ["optim.lr=null"])

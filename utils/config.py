@@ -178,7 +178,21 @@ def check_relations(cfg: dict, source: str = "config", section: str = "") -> Non
                     raise ConfigError(f"{source}: {key}={value!r} must be <= {name}")
 
 
-def _merge(base: dict, override: dict, source: str, prefix: str = "") -> None:
+def _null_keys(cfg: dict, prefix: str = "") -> frozenset[str]:
+    """Dotted keys whose value is null (in defaults.yaml: the keys that may be set back to null)."""
+    out = set()
+    for key, value in cfg.items():
+        if value is None:
+            out.add(f"{prefix}{key}")
+        elif isinstance(value, dict):
+            out |= _null_keys(value, f"{prefix}{key}.")
+    return frozenset(out)
+
+
+def _merge(base: dict, override: dict, source: str, prefix: str = "",
+           nullable: frozenset[str] = frozenset()) -> None:
+    """``override`` into ``base`` in place, each value checked against base's type; a key in
+    ``nullable`` (null in defaults.yaml) also takes null after a layer gave it a value."""
     for key, value in override.items():
         path = f"{prefix}{key}"
         if key not in base:
@@ -186,7 +200,9 @@ def _merge(base: dict, override: dict, source: str, prefix: str = "") -> None:
             hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
             raise ConfigError(f"{source}: unknown config key {path!r}{hint}")
         if isinstance(base[key], dict) and base[key] and isinstance(value, dict):
-            _merge(base[key], value, source, path + ".")
+            _merge(base[key], value, source, path + ".", nullable)
+        elif value is None and path in nullable:
+            base[key] = None
         else:
             base[key] = _coerce(path, base[key], value, source)
             _check(path, base[key], source)
@@ -197,7 +213,7 @@ def with_defaults(section: str, saved: dict, source: str) -> Config:
     it: a key added after the checkpoint was written takes its default, which keeps the older
     behaviour."""
     base = copy.deepcopy(_read_yaml(DEFAULTS)[section])
-    _merge(base, saved, source, section + ".")
+    _merge(base, saved, source, section + ".", _null_keys(base, section + "."))
     check_relations(base, source, section + ".")
     return _wrap(base)
 
@@ -238,11 +254,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 defaults: str | Path = DEFAULTS) -> Config:
     """defaults.yaml <- ``path`` (and the files it lists under ``base``) <- ``overrides``."""
     cfg = _read_yaml(Path(defaults))
+    nullable = _null_keys(cfg)
     if path is not None:
         for layer_path, layer in _layers(Path(path).resolve()):
-            _merge(cfg, layer, str(layer_path))
+            _merge(cfg, layer, str(layer_path), nullable=nullable)
     for item in overrides or []:
-        _merge(cfg, _parse_override(item), f"--set {item}")
+        _merge(cfg, _parse_override(item), f"--set {item}", nullable=nullable)
     sets = f" with --set {' '.join(overrides)}" if overrides else ""
     check_relations(cfg, f"{path if path is not None else defaults}{sets}")
     return _wrap(cfg)

@@ -234,6 +234,7 @@ def bench_train(model, cfg, batch: dict, device: torch.device, iters: int, warmu
     B = batch["image"].shape[0]
     cfg.data.batch_size = B
     cfg.train.print_freq = 10 ** 9
+    cfg.optim.accum_iter = 1  # one optimizer step per timed batch (pretrain_mimic.yaml accumulates 2)
     with contextlib.redirect_stdout(io.StringIO()):
         optimizer, scaler = build_optimizer(cfg, model, info)
     dtype = resolve_amp(cfg.train.amp, device)

@@ -28,7 +28,9 @@ if [ ! -f "$CKPT" ]; then
   stage "no $CKPT: the demo's pretraining (scripts/demo.sh steps 2-3)"
   [ -f data/synthetic/annotation.json ] || "$PY" -m datasets.synthetic --out data/synthetic --n 12000 \
     --size 64 --val-frac 0.025 --test-frac 0.025
-  "$PY" main_pretrain.py --config configs/demo.yaml --set "output_dir=$(dirname "$(dirname "$CKPT")")"
+  run_dir=$(dirname "$CKPT")
+  "$PY" main_pretrain.py --config configs/demo.yaml \
+    --set "output_dir=$(dirname "$run_dir")" "run_name=$(basename "$run_dir")"
 fi
 
 finetune() {  # finetune NAME CONFIG INIT SEED [key=value ...]: train, then score test once

@@ -18,6 +18,11 @@ SEEDS=${SEEDS:-"0 1 2"}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 T0=$SECONDS
 stage() { echo; echo "[downstream] $(date +%T) (+$((SECONDS - T0)) s) $*"; }
+logged() {  # logged LOG command...: appends the command's output to LOG; on failure shows its tail
+  local log=$1
+  shift
+  "$@" >> "$log" 2>&1 || { echo "[downstream] FAILED: $* (last lines of $log:)" >&2; tail -n 5 "$log" >&2; exit 1; }
+}
 
 [ -x "$PY" ] || bash scripts/setup_env.sh
 if [ ! -f "$DATA/mscxr/MS_CXR_Local_Alignment_v1.0.0.json" ]; then
@@ -38,9 +43,10 @@ finetune() {  # finetune NAME CONFIG INIT SEED [key=value ...]: train, then scor
   shift 4
   local sets=("output_dir=$OUT" "run_name=$name" "seed=$seed" "train.pretrained=$init" "$@")
   [ -f "$OUT/$name/eval_test/metrics.json" ] && return 0
-  "$PY" main_finetune.py --config "$config" --set "${sets[@]}" > "$OUT/$name.log" 2>&1
-  "$PY" main_finetune.py --config "$config" --eval --checkpoint "$OUT/$name/checkpoint-best.pth" \
-    --set "${sets[@]}" >> "$OUT/$name.log" 2>&1
+  : > "$OUT/$name.log"
+  logged "$OUT/$name.log" "$PY" main_finetune.py --config "$config" --set "${sets[@]}"
+  logged "$OUT/$name.log" "$PY" main_finetune.py --config "$config" --eval \
+    --checkpoint "$OUT/$name/checkpoint-best.pth" --set "${sets[@]}"
   echo "  $name: $(grep -m1 '^\[test\]' "$OUT/$name.log")"
 }
 
@@ -60,8 +66,8 @@ stage "zero-shot classification, retrieval and phrase grounding (SS-ACL, then ra
 ZS=("output_dir=$OUT" "run_name=zeroshot" "zeroshot.data_root=$DATA")
 for flag in "" --random-init; do
   metrics="$OUT/zeroshot/zeroshot_test${flag:+_random_init}/metrics.json"
-  [ -f "$metrics" ] || "$PY" main_zeroshot.py --config configs/zeroshot_demo.yaml --checkpoint "$CKPT" \
-    $flag --set "${ZS[@]}" > "$OUT/zeroshot${flag:+_random_init}.log" 2>&1
+  [ -f "$metrics" ] || logged "$OUT/zeroshot${flag:+_random_init}.log" "$PY" main_zeroshot.py \
+    --config configs/zeroshot_demo.yaml --checkpoint "$CKPT" $flag --set "${ZS[@]}"
 done
 
 stage "summary"

@@ -25,21 +25,22 @@ class ResumableSampler(DistributedSampler):
         return max(self.num_samples - self.start, 0)
 
 
-def _loader(dataset, sampler, batch_size: int, data_cfg, device, drop_last: bool) -> DataLoader:
+def _loader(dataset, sampler, batch_size: int, data_cfg, device, drop_last: bool,
+            collate_fn=collate) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
         num_workers=data_cfg.num_workers,
-        collate_fn=collate,
+        collate_fn=collate_fn,
         pin_memory=device.type == "cuda",
         drop_last=drop_last,
     )
 
 
-def train_loader(dataset, cfg, info) -> DataLoader:
+def train_loader(dataset, cfg, info, collate_fn=collate) -> DataLoader:
     """Shuffled per epoch (ResumableSampler), sharded over ranks, full batches only (equal shapes on
-    every rank for the gathered losses)."""
+    every rank for the gathered losses). ``collate_fn``: the data set's (default: datasets.cxr's)."""
     sampler = ResumableSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
                                seed=cfg.seed, drop_last=True)
     if len(sampler) < cfg.data.batch_size:
@@ -47,18 +48,18 @@ def train_loader(dataset, cfg, info) -> DataLoader:
             f"{len(dataset)} training samples over {info.world_size} ranks give fewer than "
             f"one batch of data.batch_size={cfg.data.batch_size}"
         )
-    return _loader(dataset, sampler, cfg.data.batch_size, cfg.data, info.device, drop_last=True)
+    return _loader(dataset, sampler, cfg.data.batch_size, cfg.data, info.device, drop_last=True,
+                   collate_fn=collate_fn)
 
 
-def eval_loader(dataset, cfg, info) -> DataLoader:
+def eval_loader(dataset, cfg, info, collate_fn=collate) -> DataLoader:
     """In order, sharded over ranks; the sampler pads the last shards (callers de-duplicate by
     index)."""
     sampler = DistributedSampler(
         dataset, num_replicas=info.world_size, rank=info.rank, shuffle=False
     )
-    return _loader(
-        dataset, sampler, cfg.data.eval_batch_size, cfg.data, info.device, drop_last=False
-    )
+    return _loader(dataset, sampler, cfg.data.eval_batch_size, cfg.data, info.device,
+                   drop_last=False, collate_fn=collate_fn)
 
 
 def subset_loader(dataset, limit: int, cfg, info) -> DataLoader:

@@ -29,7 +29,7 @@ from metrics.synthetic_grounding import (
 )
 from models.report_decoder import decoding_options
 from utils.checkpoint import unwrap
-from utils.dist import all_reduce_sum, broadcast_object, gather_objects, is_main_process
+from utils.dist import all_reduce_sum, broadcast_object, gather_unique, is_main_process
 from utils.seed import sample_keys
 from vocab.anatomy_graph import graph_for_leaves
 
@@ -113,12 +113,6 @@ class SyntheticGrounder:
         return out
 
 
-def _unique(gathered: list[list[dict]]) -> list[dict]:
-    """Rows of every rank, one per dataset index (the padded sampler repeats a few), in order."""
-    return sorted({r["index"]: r for part in reversed(gathered) for r in part}.values(),
-                  key=lambda r: r["index"])
-
-
 @torch.no_grad()
 def evaluate_grounding(model, loader, device, cfg, split: str) -> dict:
     """The grounding figures of the model's heatmaps on ``split`` (no report is generated): leaf
@@ -136,10 +130,9 @@ def evaluate_grounding(model, loader, device, cfg, split: str) -> dict:
             heat = net.heatmaps(batch["image"]).float()
         ground = grounder(heat, batch["id"], batch["image"].shape[-2:])
         rows += [{"index": i, **g} for i, g in zip(batch["index"].tolist(), ground)]
-    gathered = gather_objects(rows)
+    unique = gather_unique(rows)
     metrics = None
-    if is_main_process():
-        unique = _unique(gathered)
+    if unique is not None:
         metrics = {**grounder.summary(unique), "num_studies": len(unique)}
     return broadcast_object(metrics)
 
@@ -179,11 +172,10 @@ def generate_and_score(model, loader, device, cfg, out_dir, tb=None, epoch=None,
                 if want_vis and len(visuals) < num_visualize:
                     visuals.append((batch["image"][j].float().cpu(), heat[j].cpu(), rows[-1]))
 
-    gathered = gather_objects(rows)
+    unique = gather_unique(rows)
     skipped = skipped_counts(getattr(loader, "dataset", None), device)
     metrics = None
-    if is_main_process():
-        unique = _unique(gathered)
+    if unique is not None:
         metrics, ce = score_reports(unique, cfg, device)
         metrics.update(grounder.summary(unique))
         metrics["num_studies"] = len(unique)

@@ -10,42 +10,19 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader
 
-from datasets.downstream import TASKS, build_downstream, collate_downstream
-from datasets.loaders import ResumableSampler, to_device
-from engine.optim import autocast, make_scaler, resolve_amp, wrap_ddp
+from datasets import loaders
+from datasets.downstream import TASKS, Indexed, build_downstream, collate_downstream
+from datasets.loaders import to_device
+from engine.optim import autocast, build_optimizer, resolve_amp, wrap_ddp
 from engine.setup import TrainingRun
 from metrics.classification import accuracy_f1, auroc, choose_thresholds
 from metrics.segmentation import dice_iou, mask_counts
 from models.downstream import from_pretrained
-from utils import lr_sched
 from utils.checkpoint import Checkpointer, count_parameters, find_resume, unwrap
 from utils.config import ConfigError, save_config, with_defaults
 from utils.dist import broadcast_object, gather_objects, is_main_process
-
-
-class Indexed(Dataset):
-    """A data set whose items also carry their position ("index": per-sample seeds, de-duplication)."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> dict | None:
-        item = self.dataset[i]
-        return None if item is None else {**item, "index": i}
-
-
-def collate(items: list) -> dict | None:
-    """collate_downstream (unreadable items, None, left out; None if none is left) plus "index"."""
-    items = [it for it in items if it is not None]
-    batch = collate_downstream([{k: v for k, v in it.items() if k != "index"} for it in items])
-    if batch is not None:
-        batch["index"] = torch.tensor([it["index"] for it in items])
-    return batch
 
 
 def build_split(cfg, split: str, train: bool = False):
@@ -63,30 +40,14 @@ def is_segmentation(dataset) -> bool:
     return "mask" in dataset[0]
 
 
-def _loader(dataset, sampler, batch_size: int, cfg, device, drop_last: bool) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
-                      num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
-                      drop_last=drop_last)
-
-
 def train_loader(dataset, cfg, info) -> DataLoader:
-    """Shuffled per epoch, sharded, resumable mid-epoch, full batches only."""
-    dataset = Indexed(dataset)
-    sampler = ResumableSampler(dataset, num_replicas=info.world_size, rank=info.rank,
-                               shuffle=True, seed=cfg.seed, drop_last=True)
-    if len(sampler) < cfg.data.batch_size:
-        raise ValueError(f"{len(dataset)} training samples (finetune.fraction={cfg.finetune.fraction}) "
-                         f"over {info.world_size} ranks give fewer than one batch of "
-                         f"data.batch_size={cfg.data.batch_size}")
-    return _loader(dataset, sampler, cfg.data.batch_size, cfg, info.device, True)
+    """Shuffled per epoch, sharded, resumable mid-epoch, full batches only; items carry "index"."""
+    return loaders.train_loader(Indexed(dataset), cfg, info, collate_downstream)
 
 
 def eval_loader(dataset, cfg, info) -> DataLoader:
     """In order, sharded over ranks (the last shards padded; scoring removes repeats by index)."""
-    dataset = Indexed(dataset)
-    sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
-                                 shuffle=False)
-    return _loader(dataset, sampler, cfg.data.eval_batch_size, cfg, info.device, False)
+    return loaders.eval_loader(Indexed(dataset), cfg, info, collate_downstream)
 
 
 def apply_steps(cfg, steps_per_epoch: int) -> None:
@@ -98,22 +59,6 @@ def apply_steps(cfg, steps_per_epoch: int) -> None:
         cfg.optim.warmup_epochs = f.warmup_steps / steps_per_epoch
         print(f"finetune.steps={f.steps} at {steps_per_epoch} steps per epoch: {cfg.optim.epochs} "
               f"epochs, warm-up {cfg.optim.warmup_epochs:.3f} epochs")
-
-
-def build_optimizer(cfg, model, info) -> tuple[torch.optim.Optimizer, torch.amp.GradScaler]:
-    """SGD with momentum (the official fine-tuning) or AdamW over the trainable parameters (no
-    decay on norms, biases, tokens), and the grad scaler of train.amp."""
-    groups = lr_sched.param_groups(model, cfg.optim.weight_decay)
-    lr = lr_sched.effective_lr(cfg, info.world_size)
-    if cfg.finetune.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=lr, momentum=cfg.finetune.momentum)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.optim.betas))
-    eff = cfg.data.batch_size * cfg.optim.accum_iter * info.world_size
-    dtype = resolve_amp(cfg.train.amp, info.device)
-    print(f"{cfg.finetune.optimizer} lr {lr:.3e}, effective batch {eff}; precision "
-          f"{dtype or torch.float32}")
-    return optimizer, make_scaler(dtype, info.device)
 
 
 def prepare_finetune(cfg, info, run_dir) -> tuple[TrainingRun, bool]:
@@ -135,7 +80,8 @@ def prepare_finetune(cfg, info, run_dir) -> tuple[TrainingRun, bool]:
     model.to(info.device)
     print(f"model: {count_parameters(model)}; {cfg.finetune.mode}")
     model = wrap_ddp(model, cfg, info)
-    optimizer, scaler = build_optimizer(cfg, unwrap(model), info)
+    optimizer, scaler = build_optimizer(cfg, unwrap(model), info, cfg.finetune.optimizer,
+                                        cfg.finetune.momentum)
     loader = train_loader(train_set, cfg, info)
     apply_steps(cfg, len(loader) // cfg.optim.accum_iter)
     if is_main_process():

@@ -44,9 +44,11 @@ def make_scaler(dtype: torch.dtype | None, device) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(torch.device(device).type, enabled=dtype == torch.float16)
 
 
-def build_optimizer(cfg, model, info) -> tuple[torch.optim.Optimizer, torch.amp.GradScaler]:
-    """AdamW over lr_sched.param_groups (no decay on norms/biases/tokens; the model's lr scales) and
-    the grad scaler of cfg.train.amp. Prints the effective batch and lr."""
+def build_optimizer(cfg, model, info, kind: str = "adamw", momentum: float = 0.9
+                    ) -> tuple[torch.optim.Optimizer, torch.amp.GradScaler]:
+    """AdamW (or, ``kind="sgd"``, SGD with ``momentum``: the official downstream fine-tuning) over
+    lr_sched.param_groups (no decay on norms/biases/tokens; the model's lr scales) and the grad
+    scaler of cfg.train.amp. Prints the effective batch and lr."""
     groups = lr_sched.param_groups(
         model, cfg.optim.weight_decay, model.lr_scales(cfg.model.decoder.lr_scale)
     )
@@ -55,9 +57,12 @@ def build_optimizer(cfg, model, info) -> tuple[torch.optim.Optimizer, torch.amp.
     derived = f" (blr {cfg.optim.blr:.3e} x {eff}/256)" if cfg.optim.lr <= 0 else ""
     print(f"effective batch {eff} = {cfg.data.batch_size} x accum {cfg.optim.accum_iter} x "
           f"{info.world_size} ranks; lr {lr:.3e}{derived}")
-    optimizer = torch.optim.AdamW(
-        groups, lr=lr, betas=tuple(cfg.optim.betas), fused=info.device.type == "cuda"
-    )
+    if kind == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    else:
+        optimizer = torch.optim.AdamW(
+            groups, lr=lr, betas=tuple(cfg.optim.betas), fused=info.device.type == "cuda"
+        )
     dtype = resolve_amp(cfg.train.amp, info.device)
     print(f"precision: {dtype or torch.float32}")
     return optimizer, make_scaler(dtype, info.device)

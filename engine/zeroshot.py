@@ -3,7 +3,7 @@ phrase grounding, on the datasets.downstream data sets (cfg.zeroshot).
 
 Every loop shards a split over the ranks (in order, the sampler pads the last shard); each rank
 embeds its images / texts or scores its grounding items, the rows are gathered with their dataset
-index (utils.dist.gather_objects), de-duplicated, and rank 0 computes the figures, which every rank
+index and de-duplicated (utils.dist.gather_unique), and rank 0 computes the figures, which every rank
 then returns. The model: an SS-ACL checkpoint (pretraining or report fine-tuning; architecture,
 tokenizers and weights from it), or random init (the baseline; the checkpoint's architecture and
 tokenizers when one is named, else cfg.model with the configured or trained tokenizers).
@@ -11,12 +11,12 @@ tokenizers when one is named, else cfg.model with the configured or trained toke
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Subset
 
 from datasets.annotation import DataError
 from datasets.cxr import build_dataset
-from datasets.downstream import build_downstream, collate_downstream
-from datasets.loaders import subset_loader, to_device
+from datasets.downstream import Indexed, build_downstream, collate_downstream
+from datasets.loaders import eval_loader, subset_loader, to_device
 from datasets.tokenizer import build_tokenizers, checkpoint_tokenizers
 from engine.optim import autocast, resolve_amp
 from metrics.classification import choose_thresholds
@@ -40,7 +40,7 @@ from models.location_prior import estimate_location_prior
 from models.ssacl import SSACL
 from utils.checkpoint import read_checkpoint
 from utils.config import with_defaults
-from utils.dist import broadcast_object, gather_objects, is_main_process
+from utils.dist import broadcast_object, gather_objects, gather_unique, is_main_process
 
 MAPS = (*PHRASE_METHODS, "cls", "prior")
 FIVE = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Pleural Effusion"]
@@ -127,46 +127,26 @@ def task_root(zs, task: str) -> str:
     return str(zs.roots.get(task) or f"{zs.data_root.rstrip('/')}/{task}")
 
 
-def downstream_loader(task: str, split: str, cfg, info):
-    """(dataset, loader, indices per batch) of one split, sharded over the ranks in order."""
+def downstream_loader(task: str, split: str, cfg, info) -> DataLoader:
+    """One split in order, sharded over the ranks; its items carry their "index"."""
     zs = cfg.zeroshot
     dataset = build_downstream(task, task_root(zs, task), split, cfg.data.image_size, train=False,
                                seed=cfg.seed)
-    full = dataset
     if zs.max_samples > 0:
         dataset = Subset(dataset, range(min(zs.max_samples, len(dataset))))
-    sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
-                                 shuffle=False)
-    loader = DataLoader(dataset, batch_size=cfg.data.eval_batch_size, sampler=sampler,
-                        num_workers=cfg.data.num_workers, collate_fn=collate_downstream)
-    order = list(sampler)
-    step = cfg.data.eval_batch_size
-    chunks = [order[i:i + step] for i in range(0, len(order), step)]
     print(f"zero-shot {task} {split}: {len(dataset)} items ({task_root(zs, task)})")
-    return full, loader, chunks
+    return eval_loader(Indexed(dataset), cfg, info, collate_downstream)
 
 
-def _batches(loader, chunks, device):
-    """(batch on device, its dataset indices); batches whose unreadable items were dropped are
-    skipped whole (their indices are unknown), with a message."""
-    for batch, index in zip(loader, chunks):
+def _batches(loader, device):
+    """(batch on device with 3-channel images, its dataset indices); unreadable items are left out
+    by the collate."""
+    for batch in loader:
         if batch is None:
-            continue
-        if len(index) != batch["image"].shape[0]:
-            print(f"skipped a batch of {len(index)} items with unreadable images", force=True)
             continue
         batch = to_device(batch, device)
         batch["image"] = batch["image"].expand(-1, 3, -1, -1)  # one channel -> the ViT's three
-        yield batch, index
-
-
-def _unique(rows: list) -> list | None:
-    """Every rank's rows (each with "index"), one per index in order, on rank 0; None elsewhere."""
-    gathered = gather_objects(rows)
-    if gathered is None:
-        return None
-    return sorted({r["index"]: r for part in gathered for r in part}.values(),
-                  key=lambda r: r["index"])
+        yield batch, batch["index"].tolist()
 
 
 def _label_names(dataset, task: str) -> list[str]:
@@ -209,9 +189,9 @@ def prompt_vectors(model, prompts: dict) -> tuple[torch.Tensor, torch.Tensor]:
 def _image_rows(model, task, split, cfg, info, score=None, captions: bool = False) -> list | None:
     """Rank 0: [{"index", "labels", "image" [Dt] (embedding scorer) or "score" (``score(batch)``
     [b, C], lm scorer), and with ``captions`` "caption" [Dt] and "text"}] of a split, in order."""
-    _, loader, chunks = downstream_loader(task, split, cfg, info)
+    loader = downstream_loader(task, split, cfg, info)
     dtype, rows = resolve_amp(cfg.train.amp, info.device), []
-    for batch, index in _batches(loader, chunks, info.device):
+    for batch, index in _batches(loader, info.device):
         with autocast(info.device, dtype):
             values = {"score": score(batch).float().cpu()} if score else \
                 {"image": image_embeddings(model, batch["image"]).cpu()}
@@ -223,7 +203,7 @@ def _image_rows(model, task, split, cfg, info, score=None, captions: bool = Fals
             if captions:
                 row["text"] = batch["caption"][j]
             rows.append(row)
-    return _unique(rows)
+    return gather_unique(rows)
 
 
 def _lm_scorer(model, texts: list[str], combine):
@@ -329,11 +309,11 @@ def train_mask_prior(task: str, cfg, info) -> tuple[dict | None, str]:
     """({label: mean training box mask [S, S]}, '') from the task's train split; (None, reason)
     when that split cannot be read."""
     try:
-        _, loader, chunks = downstream_loader(task, "train", cfg, info)
+        loader = downstream_loader(task, "train", cfg, info)
     except (DataError, OSError) as e:
         return None, f"no train split to estimate a box prior from: {e}"
     sums: dict = {}
-    for batch, _ in _batches(loader, chunks, "cpu"):
+    for batch, _ in _batches(loader, "cpu"):
         for label, mask in zip(batch["label"], batch["box_mask"].float()):
             total, n = sums.get(label, (0.0, 0))
             sums[label] = (total + mask, n + 1)
@@ -371,9 +351,9 @@ def grounding(model, task: str, cfg, info) -> dict:
                 notes["prior/skipped"] = f"{why}; {why2}"
     elif "prior" in maps:
         notes["prior/source"] = "the model's location prior"
-    _, loader, chunks = downstream_loader(task, zs.split, cfg, info)
+    loader = downstream_loader(task, zs.split, cfg, info)
     rows = []
-    for batch, index in _batches(loader, chunks, info.device):
+    for batch, index in _batches(loader, info.device):
         images, phrases, S = batch["image"], list(batch["phrase"]), batch["image"].shape[-1]
         with autocast(info.device, dtype):
             encoded = encode_images(model, images)
@@ -392,7 +372,7 @@ def grounding(model, task: str, cfg, info) -> dict:
         for j, i in enumerate(index):
             rows.append({"index": i, "label": batch["label"][j],
                          **{m: official_grounding(drawn[m][j], masks[j]) for m in drawn}})
-    rows = _unique(rows)
+    rows = gather_unique(rows)
     out = None
     if is_main_process():
         out = {"num_phrases": len(rows)}

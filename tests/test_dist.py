@@ -99,3 +99,8 @@ def test_torchrun_two_cpu_processes(tmp_path):
         assert got["meter"] == pytest.approx([3, 5.0, 5.0 / 3])  # 1 + 2 + 2 over 3 values
     assert res[0]["objects"] == [{"rank": 0, "ids": ["s0-0"]}, {"rank": 1, "ids": ["s1-0", "s1-1"]}]
     assert res[1]["objects"] is None
+
+
+def test_gather_unique_keeps_one_row_per_index_in_order():
+    rows = [{"index": 2, "v": "b"}, {"index": 0, "v": "a"}, {"index": 2, "v": "b"}]
+    assert du.gather_unique(rows) == [{"index": 0, "v": "a"}, {"index": 2, "v": "b"}]

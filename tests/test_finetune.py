@@ -12,10 +12,11 @@ import torch
 from torch.utils.data import Dataset
 
 import main_finetune
-from datasets.downstream import TASKS, build_downstream
+from datasets.downstream import TASKS, build_downstream, collate_downstream
 from datasets.synthetic_downstream import generate_downstream
 from datasets.tokenizer import train_bpe, train_wordpiece
 from engine import finetune as ft
+from engine.optim import build_optimizer
 from models.downstream import Classifier, Segmenter, build_model, build_vit, from_pretrained
 from models.ssacl import SSACL
 from tests.helpers import TORCHRUN_ENV, torchrun
@@ -125,10 +126,10 @@ def test_segmentation_run_reports_dice_and_iou(tmp_path):
 
 def _steps(model, cfg, n=3):
     model.train()
-    opt, _ = ft.build_optimizer(cfg, model, type("I", (), {"world_size": 1,
-                                                            "device": torch.device("cpu")})())
+    info = type("I", (), {"world_size": 1, "device": torch.device("cpu")})()
+    opt, _ = build_optimizer(cfg, model, info, cfg.finetune.optimizer, cfg.finetune.momentum)
     data = FakeDownstream(8, 0, isinstance(model, Segmenter))
-    batch = ft.collate([data[i] | {"index": i} for i in range(8)])
+    batch = collate_downstream([data[i] | {"index": i} for i in range(8)])
     for _ in range(n):
         model(batch)["loss"].backward()
         opt.step()

@@ -170,6 +170,16 @@ def gather_objects(obj):
     return out if is_main_process() else None
 
 
+def gather_unique(rows: list[dict]) -> list[dict] | None:
+    """Every rank's rows (dicts with an "index"), one per index in index order, on rank 0 (the
+    padded evaluation sampler repeats a few); None elsewhere. Every rank must call it."""
+    gathered = gather_objects(rows)
+    if gathered is None:
+        return None
+    return sorted({r["index"]: r for part in reversed(gathered) for r in part}.values(),
+                  key=lambda r: r["index"])
+
+
 def barrier() -> None:
     if is_dist():
         dist.barrier()

@@ -34,7 +34,7 @@ Contract::
 from __future__ import annotations
 
 from datasets.downstream.chexpert5x200 import build_chexpert5x200
-from datasets.downstream.common import FRACTIONS, SPLITS, check_args, collate_downstream
+from datasets.downstream.common import FRACTIONS, SPLITS, Indexed, check_args, collate_downstream
 from datasets.downstream.mscxr import build_mscxr
 from datasets.downstream.nih import build_nih
 from datasets.downstream.rsna import build_rsna
@@ -44,7 +44,7 @@ TASKS = ("nih", "rsna", "siim", "chexpert5x200", "mscxr")
 BUILDERS = {"nih": build_nih, "rsna": build_rsna, "siim": build_siim,
             "chexpert5x200": build_chexpert5x200, "mscxr": build_mscxr}
 
-__all__ = ["TASKS", "SPLITS", "FRACTIONS", "build_downstream", "collate_downstream"]
+__all__ = ["TASKS", "SPLITS", "FRACTIONS", "Indexed", "build_downstream", "collate_downstream"]
 
 
 def build_downstream(task: str, root, split: str, image_size: int, *, train: bool = False,

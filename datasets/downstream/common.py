@@ -155,16 +155,34 @@ class DownstreamDataset(Dataset):
 
 
 def collate_downstream(samples: list) -> dict | None:
-    """Stack the items' tensors, keep their strings as lists; None items (unreadable images) are
-    left out; None if none is left."""
+    """Stack the items' tensors, make their ints (an "index") a tensor, keep their strings as
+    lists; None items (unreadable images) are left out; None if none is left."""
     items = [s for s in samples if s is not None]
     if not items:
         return None
     out = {}
     for key, value in items[0].items():
         vals = [s[key] for s in items]
-        out[key] = torch.stack(vals) if isinstance(value, torch.Tensor) else vals
+        if isinstance(value, torch.Tensor):
+            out[key] = torch.stack(vals)
+        else:
+            out[key] = torch.tensor(vals) if isinstance(value, int) else vals
     return out
+
+
+class Indexed(Dataset):
+    """A data set whose items also carry their position, "index" (per-sample de-duplication of
+    the padded evaluation shards)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict | None:
+        item = self.dataset[i]
+        return None if item is None else {**item, "index": i}
 
 
 def read_text(path: Path) -> str:
